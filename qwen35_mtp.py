@@ -1,0 +1,728 @@
+"""
+Qwen3.5 and its Multi-Token Prediction (MTP) head, in one file of plain PyTorch.
+
+Read top to bottom:
+  1. Qwen35Config           every number the model needs, parsed from an official config.json
+  2. norms, rotary          the (1+w) RMSNorm, the plain gated RMSNorm, 25% partial RoPE
+  3. gated attention        full softmax attention with a sigmoid output gate (every 4th layer)
+  4. Gated DeltaNet         linear attention: the gated delta rule, recurrent and chunked
+  5. MLP and MoE            dense SwiGLU, or top-k experts plus a gated shared expert
+  6. decoder, model, MTP    pre-norm layers, the backbone, the MTP head that predicts token t+2
+  7. Qwen35                 logits, MTP logits and the training loss in one forward
+  8. caches and generation  decoding, and lossless speculative decoding with MTP drafts
+
+Shapes: B batch, T tokens in this step, S tokens in the cache (past + this step), H hidden size,
+V vocabulary. Checkpoint names are mirrored by the module names, so `model.layers.3.self_attn.q_proj`
+here is `model.language_model.layers.3.self_attn.q_proj.weight` in an official checkpoint.
+"""
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass
+class Qwen35Config:
+    # sizes of the language model
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int          # full attention query heads
+    num_key_value_heads: int          # full attention key/value heads (GQA)
+    linear_num_key_heads: int         # Gated DeltaNet query/key heads (Hk)
+    linear_num_value_heads: int       # Gated DeltaNet value heads (Hv), a multiple of Hk
+    linear_key_head_dim: int          # dk
+    linear_value_head_dim: int        # dv
+    intermediate_size: int = 0        # dense SwiGLU width; 0 in MoE models
+    head_dim: int = 256               # full attention head size
+    linear_conv_kernel_dim: int = 4
+    layer_types: list = None          # None: every 4th layer is full attention (i % 4 == 3)
+    # mixture of experts; num_experts == 0 means a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    # numerics
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e7
+    partial_rotary_factor: float = 0.25
+    tie_word_embeddings: bool = False
+    # multi-token prediction
+    mtp_num_hidden_layers: int = 1    # decoder layers in the MTP head; 0 = no MTP head
+    mtp_loss_weight: float = 0.1      # loss = lm_loss + mtp_loss_weight * mtp_loss (Megatron's 0.1)
+    eos_token_id: object = None       # int, list of ints, or None
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = [LAYER_TYPES[i % 4 == 3] for i in range(self.num_hidden_layers)]
+        self.layer_types = list(self.layer_types)
+        problems = []
+        if len(self.layer_types) != self.num_hidden_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                            f"{self.num_hidden_layers}")
+        if bad := sorted(set(self.layer_types) - set(LAYER_TYPES)):
+            problems.append(f"layer_types holds {bad}; expected only {list(LAYER_TYPES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            problems.append(f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
+                            f"linear_num_key_heads={self.linear_num_key_heads}")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            problems.append(f"head_dim * partial_rotary_factor = {self.head_dim * self.partial_rotary_factor} "
+                            f"must be an even number of dims in (0, head_dim]")
+        if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
+            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                            f"{self.num_experts}")
+        if self.is_moe and not (self.moe_intermediate_size > 0 and self.shared_expert_intermediate_size > 0):
+            problems.append("an MoE model needs moe_intermediate_size and shared_expert_intermediate_size > 0")
+        if not self.is_moe and self.intermediate_size <= 0:
+            problems.append("a dense model needs intermediate_size > 0")
+        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.type is int}
+        if negative := [name for name, value in sizes.items() if value < 0]:
+            problems.append(f"negative sizes: {negative}")
+        if problems:
+            raise ValueError("inconsistent Qwen3.5 config: " + "; ".join(problems))
+
+    @property
+    def is_moe(self):
+        return self.num_experts > 0
+
+    @property
+    def rotary_dim(self):
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Qwen35Config":
+        """Parse an official config.json (VL-wrapped: text fields under `text_config`) or a flat
+        text config (`qwen3_5_text` / `qwen3_5_moe_text`), dense or MoE."""
+        text = d.get("text_config", d)
+        where = "text_config" if "text_config" in d else "the config"
+        is_moe = "moe" in str(text.get("model_type", "")) or "num_experts" in text
+        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads",
+                    "linear_key_head_dim", "linear_value_head_dim"]
+        required += (["num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                      "shared_expert_intermediate_size"] if is_moe else ["intermediate_size"])
+        if missing := [name for name in required if name not in text]:
+            raise ValueError(f"config is missing required field(s) {missing} (looked in {where})")
+        for name, expected in [("hidden_act", "silu"), ("attn_output_gate", True),
+                               ("mtp_use_dedicated_embeddings", False), ("attention_bias", False)]:
+            if text.get(name, expected) != expected:
+                raise ValueError(f"config field {name}={text[name]!r} is not supported: every Qwen3.5 "
+                                 f"checkpoint has {expected!r}")
+        if text.get("mlp_only_layers"):
+            raise ValueError(f"config field mlp_only_layers={text['mlp_only_layers']} is not supported: "
+                             "Qwen3.5 uses the same MLP kind in every layer")
+        # rope: transformers 5 nests it in `rope_parameters`, older files use flat fields
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_type={rope['rope_type']!r} is not supported; Qwen3.5 uses 'default'")
+        kwargs = {f.name: text[f.name] for f in fields(cls) if f.name in text}
+        kwargs["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 1e7))
+        kwargs["partial_rotary_factor"] = rope.get("partial_rotary_factor",
+                                                   text.get("partial_rotary_factor", 0.25))
+        # the tie flag may sit at the top level, in text_config, or both: the top level decides
+        kwargs["tie_word_embeddings"] = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        kwargs["eos_token_id"] = text.get("eos_token_id", d.get("eos_token_id"))
+        if "layer_types" not in text and "full_attention_interval" in text:
+            n = text["full_attention_interval"]
+            kwargs["layer_types"] = [LAYER_TYPES[(i + 1) % n == 0] for i in range(text["num_hidden_layers"])]
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict:
+        """A flat text config that transformers reads as Qwen3_5(Moe)ForCausalLM."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("rope_theta", "partial_rotary_factor")}
+        if not self.is_moe:
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                         "shared_expert_intermediate_size"):
+                del d[name]
+        d["model_type"] = "qwen3_5_moe_text" if self.is_moe else "qwen3_5_text"
+        d["architectures"] = ["Qwen3_5MoeForCausalLM" if self.is_moe else "Qwen3_5ForCausalLM"]
+        d["hidden_act"] = "silu"
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.partial_rotary_factor}
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Norms and rotary embedding
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: y = x / rms(x) * (1 + w), in fp32. Qwen3.5 quirk: the weight is
+    stored as an offset from 1 (initialised to 0), so loading it as a plain scale breaks the model."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """The one plain-weight norm, used only inside Gated DeltaNet: y = w * x / rms(x) * silu(z).
+    Normalises each value head (size dv) on its own; the weight is shared by all heads."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, z):
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (self.weight * y * F.silu(z.float())).to(x.dtype)
+
+
+def rotary_cos_sin(positions, config, dtype):
+    """cos, sin [B, T, rotary_dim] for integer positions [B, T]. Qwen3.5's mRoPE sections
+    (interleaved T/H/W) collapse to this ordinary 1-D RoPE for text, where all three agree."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)
+    angles = positions[..., None].float() * inv_freq          # [B, T, dim/2]
+    angles = torch.cat([angles, angles], dim=-1)              # rotate-half layout: [B, T, dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """x [B, T, heads, head_dim]. Qwen3.5 quirk: only the first 25% of each head (64 of 256 dims)
+    rotates, in the rotate-half (NeoX) layout; the other dims pass through untouched."""
+    dim = cos.shape[-1]
+    rot, passthrough = x[..., :dim], x[..., dim:]
+    first, second = rot.chunk(2, dim=-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]               # broadcast over heads
+    rotated = rot * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([rotated, passthrough], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Gated full attention
+
+class KVCache:
+    """Keys and values of one full-attention layer, [B, kv_heads, S, head_dim] each."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def crop(self, length):
+        self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+
+
+class Attention(nn.Module):
+    """Causal GQA softmax attention with q/k norms, partial RoPE and a sigmoid output gate."""
+
+    def __init__(self, config):
+        super().__init__()
+        H, hd = config.hidden_size, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.q_proj = nn.Linear(H, self.heads * hd * 2, bias=False)     # query AND output gate
+        self.k_proj = nn.Linear(H, self.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(H, self.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.heads * hd, H, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x, step, cache=None):
+        B, T, _ = x.shape
+        # Qwen3.5 quirk: q_proj rows are [q_head0 | gate_head0 | q_head1 | ...]: split per head
+        q, gate = self.q_proj(x).view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        q = apply_rotary(self.q_norm(q), step.cos, step.sin)
+        k = apply_rotary(self.k_norm(k), step.cos, step.sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # [B, heads, T, head_dim]
+        if cache is not None:
+            k, v = cache.append(k, v)                         # [B, kv_heads, S, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.attn_mask, is_causal=step.is_causal,
+                                             scale=self.head_dim ** -0.5, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        return self.o_proj(out * torch.sigmoid(gate.reshape(B, T, -1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Gated DeltaNet
+#
+# Each value head keeps a state S [dk, dv], a fast-weight memory from keys to values. Per token:
+#     S = exp(g_t) * S                              decay (g_t <= 0)
+#     S = S + k_t (beta_t * (v_t - S^T k_t))^T      delta rule: write only what S mispredicts
+#     o_t = S^T q_t
+# The recurrent form below is the definition; the chunked form is the same map, reorganised
+# so that most of the work is matrix products (a test holds them equal).
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None):
+    """The gated delta rule, one token at a time.
+    q, k [B, T, H, dk] (l2-normalised, q already scaled), v [B, T, H, dv], g, beta [B, T, H],
+    initial_state [B, H, dk, dv] or None. Returns o [B, T, H, dv] and final_state [B, H, dk, dv],
+    both fp32."""
+    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    B, T, H, dk = k.shape
+    S = q.new_zeros(B, H, dk, v.shape[-1]) if initial_state is None else initial_state.float()
+    outputs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None, None]
+        predicted = torch.einsum("bhkv,bhk->bhv", S, k[:, t])
+        delta = beta[:, t, :, None] * (v[:, t] - predicted)
+        S = S + k[:, t, :, :, None] * delta[:, :, None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    return torch.stack(outputs, dim=1), S
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size=64):
+    """The same map as `recurrent_gated_delta_rule`, chunk by chunk (same arguments and results).
+
+    Inside a chunk, with G_i = g_1 + ... + g_i (log decay since the chunk start) and S_0 the state
+    entering it, unrolling the recurrence gives for the written deltas u_i (rows of U):
+        u_i + sum_{j<i} beta_i e^(G_i-G_j) (k_i.k_j) u_j = beta_i (v_i - e^(G_i) S_0^T k_i)
+    a unit lower-triangular system (I + A) U = ..., solved once per chunk. Then
+        o_i   = e^(G_i) S_0^T q_i + sum_{j<=i} e^(G_i-G_j) (q_i.k_j) u_j
+        S_end = e^(G_C) S_0 + sum_j e^(G_C-G_j) k_j u_j^T
+    Only the last line runs sequentially across chunks."""
+    q, k, v, g, beta = (t.float().transpose(1, 2) for t in (q, k, v, g, beta))   # heads first
+    B, H, T, dk = k.shape
+    dv = v.shape[-1]
+    pad = -T % chunk_size                    # zero padding: beta = 0 and g = 0 leave S untouched
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
+    n, C = (T + pad) // chunk_size, chunk_size
+    q, k, v = (t.reshape(B, H, n, C, -1) for t in (q, k, v))        # [B, H, n, C, d]
+    g, beta = g.reshape(B, H, n, C), beta.reshape(B, H, n, C)
+    G = g.cumsum(-1)                                                   # [B, H, n, C]
+    # decay[i, j] = e^(G_i - G_j) for j <= i, 0 above the diagonal (masked before exp: no overflow)
+    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(upper, float("-inf")).exp()
+
+    A = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)   # strictly lower: j < i
+    system = A + torch.eye(C, device=q.device)                        # I + A, unit lower triangular
+    U_from_v = torch.linalg.solve_triangular(system, beta[..., None] * v, upper=False, unitriangular=True)
+    U_from_S = torch.linalg.solve_triangular(system, (beta * G.exp())[..., None] * k, upper=False,
+                                             unitriangular=True)     # U = U_from_v - U_from_S @ S_0
+    attn = (q @ k.transpose(-1, -2)) * decay                          # [B, H, n, C, C], j <= i
+    q_decayed = q * G.exp()[..., None]
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+
+    S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
+    outputs = []
+    for c in range(n):
+        U = U_from_v[:, :, c] - U_from_S[:, :, c] @ S
+        outputs.append(q_decayed[:, :, c] @ S + attn[:, :, c] @ U)
+        S = S * G[:, :, c, -1].exp()[..., None, None] + k_to_end[:, :, c].transpose(-1, -2) @ U
+    o = torch.stack(outputs, dim=2).reshape(B, H, n * C, dv)[:, :, :T]
+    return o.transpose(1, 2), S
+
+
+def l2_normalize(x, eps=1e-6):
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+# Cached steps of at most this many tokens use the recurrent rule (decoding, draft verification);
+# longer ones the chunked rule. Without a cache the chunked rule always runs.
+RECURRENT_MAX_TOKENS = 16
+
+
+class DeltaNetCache:
+    """Decoding state of one Gated DeltaNet layer: the conv window, the last K-1 conv inputs before
+    the activation [B, K-1, C], and the recurrent state [B, Hv, dk, dv] (fp32).
+
+    Unlike a KV cache, a recurrent state cannot be cropped: it has already absorbed every token.
+    To roll back rejected draft tokens we keep what entered the last (short) step, its state and
+    its inputs to the delta rule, and replay the kept prefix. That costs a few tiny recurrent
+    steps at rollback instead of a copy of the state after every token."""
+
+    def __init__(self):
+        self.conv = self.state = None
+        self.last_step = None
+
+    def update(self, conv_in, state, rule_inputs):
+        """conv_in [B, K-1+T, C]: the old window followed by this step's conv inputs."""
+        window = conv_in.shape[1] - rule_inputs[0].shape[1]
+        self.last_step = (self.state, conv_in, rule_inputs) if rule_inputs[0].shape[1] <= RECURRENT_MAX_TOKENS \
+            else None
+        self.conv, self.state = conv_in[:, -window:], state
+
+    def drop_last(self, n):
+        """Forget the last n tokens of the last step, as if they had never been fed."""
+        if n == 0:
+            return
+        if self.last_step is None:
+            raise RuntimeError("a Gated DeltaNet cache can only roll back within its last short step")
+        state, conv_in, rule_inputs = self.last_step
+        keep = rule_inputs[0].shape[1] - n
+        window = conv_in.shape[1] - rule_inputs[0].shape[1]
+        self.conv = conv_in[:, keep:keep + window]
+        self.state = state if keep == 0 else \
+            recurrent_gated_delta_rule(*(t[:, :keep] for t in rule_inputs), initial_state=state)[1]
+        self.last_step = None
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with the gated delta rule. Checkpoint names: `linear_attn.*`."""
+
+    def __init__(self, config):
+        super().__init__()
+        H = config.hidden_size
+        self.k_heads, self.v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.dk, self.dv = config.linear_key_head_dim, config.linear_value_head_dim
+        self.key_dim, self.value_dim = self.k_heads * self.dk, self.v_heads * self.dv
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel = config.linear_conv_kernel_dim
+        self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)          # rows: q, k, v
+        self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)           # output gate
+        self.in_proj_b = nn.Linear(H, self.v_heads, bias=False)             # write strength beta
+        self.in_proj_a = nn.Linear(H, self.v_heads, bias=False)             # decay rate
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.v_heads))
+        self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+
+    def forward(self, x, step, cache=None):
+        B, T, _ = x.shape
+        if step.pad_mask is not None:
+            x = x * step.pad_mask          # zero padding tokens so they never enter the state
+        # depthwise causal conv over time: prepend the last K-1 inputs (zeros at the start)
+        qkv = self.in_proj_qkv(x)                                            # [B, T, C]
+        window = cache.conv if cache is not None and cache.conv is not None else \
+            qkv.new_zeros(B, self.kernel - 1, self.conv_dim)
+        conv_in = torch.cat([window, qkv], dim=1)                            # [B, K-1+T, C]
+        qkv = F.silu(F.conv1d(conv_in.transpose(1, 2), self.conv1d.weight, groups=self.conv_dim))
+        q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k = q.reshape(B, T, self.k_heads, self.dk), k.reshape(B, T, self.k_heads, self.dk)
+        v = v.reshape(B, T, self.v_heads, self.dv)
+        # Qwen3.5 quirk: key head i serves the CONSECUTIVE value heads i*r .. i*r+r-1 (not tiling)
+        r = self.v_heads // self.k_heads
+        q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
+        q = l2_normalize(q.float()) * self.dk ** -0.5
+        k = l2_normalize(k.float())
+        beta = torch.sigmoid(self.in_proj_b(x)).float()                     # [B, T, Hv]
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)   # log decay
+        state = cache.state if cache is not None else None
+        short = cache is not None and T <= RECURRENT_MAX_TOKENS
+        rule = recurrent_gated_delta_rule if short else chunked_gated_delta_rule
+        o, state = rule(q, k, v, g, beta, initial_state=state)
+        if cache is not None:
+            cache.update(conv_in, state, (q, k, v, g, beta))
+        z = self.in_proj_z(x).view(B, T, self.v_heads, self.dv)
+        o = self.norm(o.to(x.dtype), z)                                      # per value head
+        return self.out_proj(o.reshape(B, T, self.value_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. MLP and mixture of experts
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """All routed experts, stored fused as in official checkpoints: gate_up_proj [E, 2*I, H] (gate rows
+    then up rows), down_proj [E, H, I]."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x, expert_ids, weights):
+        """x [N, H]; expert_ids, weights [N, k]: each token's chosen experts and mixing weights."""
+        k = expert_ids.shape[1]
+        order = expert_ids.flatten().argsort()          # group (token, slot) pairs by expert
+        tokens, slot_weights = order // k, weights.flatten()[order]
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.gate_up_proj.shape[0]).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            gate, up = F.linear(x[tokens[rows]], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * slot_weights[rows, None]
+            out.index_add_(0, tokens[rows], y)
+            start += n
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Softmax router over E experts, top-k renormalised, plus a shared expert behind a sigmoid gate."""
+
+    def __init__(self, config):
+        super().__init__()
+        H = config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(H, config.num_experts, bias=False)           # the router
+        self.experts = Experts(config)
+        self.shared_expert = MLP(H, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                          # [N, H]
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        routed = self.experts(x, expert_ids, weights)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return (routed + shared).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Decoder layer, backbone, MTP head
+
+@dataclass
+class Step:
+    """What every layer of one forward step shares: rotary tables, the attention mask, and which
+    tokens are padding."""
+    cos: torch.Tensor                # [B, T, rotary_dim]
+    sin: torch.Tensor
+    attn_mask: torch.Tensor = None   # bool [B, 1, T, S], True = may attend; None with is_causal
+    is_causal: bool = False
+    pad_mask: torch.Tensor = None    # [B, T, 1] 1.0 for real tokens, 0.0 for padding; None = no padding
+
+
+def make_step(valid, past_valid, config, dtype):
+    """valid [B, T] bool: real tokens of this step; past_valid [B, P] bool: the cached ones.
+    Positions count real tokens only, so a left-padded row computes exactly as an unpadded one."""
+    B, T = valid.shape
+    past = valid.new_zeros(B, 0) if past_valid is None else past_valid
+    positions = (past.sum(1, keepdim=True) + valid.cumsum(1) - 1).clamp(min=0)
+    cos, sin = rotary_cos_sin(positions, config, dtype)
+    keys = torch.cat([past, valid], dim=1)                                 # [B, S]
+    if keys.all():
+        if past.shape[1] == 0:
+            return Step(cos, sin, is_causal=T > 1)
+        if T == 1:
+            return Step(cos, sin)
+    P, S = past.shape[1], keys.shape[1]
+    query_at = torch.arange(P, S, device=valid.device)[:, None]            # absolute index of each query
+    key_at = torch.arange(S, device=valid.device)[None, :]
+    # attend to earlier real tokens; and always to itself, so a padding row stays finite
+    allowed = ((key_at <= query_at) & keys[:, None, :]) | (key_at == query_at)
+    pad_mask = None if valid.all() else valid[..., None].to(dtype)
+    return Step(cos, sin, attn_mask=allowed[:, None], pad_mask=pad_mask)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, layer_type):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = Attention(config)
+        self.mlp = SparseMoE(config) if config.is_moe else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, step, cache=None):
+        mixer = self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+        x = x + mixer(self.input_layernorm(x), step, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Cache:
+    """Decoding state of a stack of layers (the backbone or the MTP head): one KVCache or
+    DeltaNetCache per layer, and `valid` [B, S], which cached tokens are real (False = padding)."""
+
+    def __init__(self, layer_types):
+        self.layers = [DeltaNetCache() if t == "linear_attention" else KVCache() for t in layer_types]
+        self.valid = None
+
+    def __len__(self):
+        return 0 if self.valid is None else self.valid.shape[1]
+
+    def step(self, valid, config, dtype):
+        """The Step for feeding `valid.shape[1]` more tokens; records them as cached."""
+        step = make_step(valid, self.valid, config, dtype)
+        self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
+        return step
+
+    def crop(self, length):
+        """Forget every token after the first `length` (the DeltaNet layers: within the last step)."""
+        drop = len(self) - length
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.crop(length)
+            else:
+                layer.drop_last(drop)
+        self.valid = self.valid[:, :length]
+
+
+class TextModel(nn.Module):
+    """The backbone: embeddings, decoder layers, final norm. Checkpoint prefix `model.`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, valid=None, cache=None, hidden_states=None):
+        """input_ids [B, T] -> post-norm hidden states [B, T, H]. `hidden_states`, a list, if given
+        collects the embeddings and every layer's output (before the final norm)."""
+        x = self.embed_tokens(input_ids)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
+        step = cache.step(valid, self.config, x.dtype) if cache is not None else \
+            make_step(valid, None, self.config, x.dtype)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, step, cache.layers[i] if cache is not None else None)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return self.norm(x)
+
+
+class MTPHead(nn.Module):
+    """Multi-token prediction: from the main model's hidden state at t and token t+1, predict token
+    t+2. Checkpoint prefix `mtp.` (top level, beside `model.`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        H = config.hidden_size
+        self.config = config
+        self.pre_fc_norm_embedding = RMSNorm(H, config.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(H, config.rms_norm_eps)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(config, "full_attention")
+                                    for _ in range(config.mtp_num_hidden_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+
+    def forward(self, hidden, next_embeds, valid, cache=None, layer=0):
+        """hidden [B, N, H]: the main model's hidden state AFTER its final norm (or, when chaining,
+        this head's previous output); next_embeds [B, N, H]: embeddings of the tokens one step later;
+        valid [B, N] bool. Returns this head's output after `norm` [B, N, H] (feed it to lm_head)."""
+        step = cache.step(valid, self.config, hidden.dtype) if cache is not None else \
+            make_step(valid, None, self.config, hidden.dtype)
+        # Qwen3.5 quirk: the embedding comes FIRST: fc.weight[:, :H] multiplies the embedding
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
+        x = self.layers[layer](x, step, cache.layers[layer] if cache is not None else None)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The language model with its MTP head, and the losses
+
+@dataclass
+class Qwen35Output:
+    logits: torch.Tensor                  # [B, T, V]: row t predicts token t+1
+    hidden: torch.Tensor                  # [B, T, H]: post-norm hidden states (what MTP reads)
+    mtp_logits: torch.Tensor = None       # [B, T-1, V]: row t predicts token t+2
+    mtp_logits_per_depth: list = None     # depth d: [B, T-d, V], row t predicts token t+d+1
+    loss: torch.Tensor = None             # lm_loss + mtp_loss_weight * mtp_loss
+    lm_loss: torch.Tensor = None
+    mtp_loss: torch.Tensor = None         # mean over depths of mtp_losses
+    mtp_losses: list = None
+    hidden_states: list = None            # embeddings, then every layer's output (before the norm)
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy over targets that are not -100 (the Hugging Face ignore index), in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+class Qwen35(nn.Module):
+    """Qwen3.5 language model (dense or MoE) with its MTP head."""
+
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MTPHead(config) if config.mtp_num_hidden_layers > 0 else None
+        self.tie_weights()
+        if self.lm_head.weight.device.type != "meta":
+            self.apply(self._init_weights)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """From-scratch initialisation (a loaded checkpoint overwrites all of it)."""
+        std = 0.02
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, Experts):
+            module.gate_up_proj.normal_(0.0, std)
+            module.down_proj.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.zero_()
+        elif isinstance(module, GatedRMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, GatedDeltaNet):
+            module.A_log.copy_(torch.empty_like(module.A_log).uniform_(1, 16).log())   # decay rates
+            module.dt_bias.fill_(1.0)
+            nn.init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+
+    def forward(self, input_ids, labels=None, attention_mask=None, mtp=True, mtp_depth=1,
+                output_hidden_states=False):
+        """input_ids [B, T]; labels [B, T] unshifted, -100 ignored; attention_mask [B, T] 1/0 (left
+        padding). mtp_depth D > 1 chains the head D times, as drafting does (depth d predicts t+d+1)."""
+        T = input_ids.shape[1]
+        valid = None if attention_mask is None else attention_mask.bool()
+        hidden_states = [] if output_hidden_states else None
+        hidden = self.model(input_ids, valid, hidden_states=hidden_states)
+        out = Qwen35Output(logits=self.lm_head(hidden), hidden=hidden, hidden_states=hidden_states)
+        if mtp and self.mtp is not None and T > 1:
+            out.mtp_logits_per_depth = self.mtp_logits(input_ids, hidden, valid, mtp_depth)
+            out.mtp_logits = out.mtp_logits_per_depth[0]
+        if labels is not None:
+            out.lm_loss = cross_entropy(out.logits[:, :-1], labels[:, 1:])
+            out.loss = out.lm_loss
+            if out.mtp_logits is not None:
+                # depth d, row t predicts token t+d+1: rows whose target lies inside the sequence
+                out.mtp_losses = [cross_entropy(logits[:, :T - 1 - d], labels[:, d + 1:])
+                                  for d, logits in enumerate(out.mtp_logits_per_depth, start=1)
+                                  if T - 1 - d > 0]
+                if out.mtp_losses:
+                    out.mtp_loss = torch.stack(out.mtp_losses).mean()
+                    out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
+        return out
+
+    def mtp_logits(self, input_ids, hidden, valid, depth):
+        """Depth d (1..D): row t fuses h_t^(d-1) (h^(0) = main hidden state, then the head's own
+        post-norm output) with the embedding of token t+d. Each depth attends causally over its own
+        rows, reusing layer (d-1) % mtp_num_hidden_layers."""
+        T = input_ids.shape[1]
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
+        embeds = self.model.embed_tokens(input_ids)
+        per_depth, h = [], hidden
+        for d in range(1, min(depth, T - 1) + 1):
+            n = T - d
+            row_valid = valid[:, :n] & valid[:, d:]
+            h = self.mtp(h[:, :n], embeds[:, d:], row_valid, layer=(d - 1) % len(self.mtp.layers))
+            per_depth.append(self.lm_head(h))
+        return per_depth
