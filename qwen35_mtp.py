@@ -726,3 +726,168 @@ class Qwen35(nn.Module):
             h = self.mtp(h[:, :n], embeds[:, d:], row_valid, layer=(d - 1) % len(self.mtp.layers))
             per_depth.append(self.lm_head(h))
         return per_depth
+
+    # ------------------------------------------------------------------------------------------
+    # 8. Generation and speculative decoding
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, draft_tokens=0,
+                 attention_mask=None, eos_token_id=None, generator=None):
+        """Decode up to max_new_tokens after input_ids [B, T] (left-padded rows: attention_mask).
+        temperature 0 is greedy. draft_tokens = k > 0 drafts k tokens per step with the MTP head and
+        verifies them in one main-model forward of k+1 tokens: the output is exactly that of plain
+        decoding (greedy), or has exactly its distribution (sampling).
+        Returns ids [B, T + n] and stats {drafted, accepted, main_forwards (after the prefill),
+        drafted_at, accepted_at (per draft position)}."""
+        self.check_generate_args(input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask)
+        valid = None if attention_mask is None else attention_mask.bool()
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).long().view(-1)
+        stats = dict(drafted=0, accepted=0, main_forwards=0,
+                     drafted_at=[0] * draft_tokens, accepted_at=[0] * draft_tokens)
+        sampling = (temperature, top_p, generator)
+        if max_new_tokens == 0:
+            return input_ids, stats
+        decode = self.speculative_decode if draft_tokens else self.decode
+        new = decode(input_ids, valid, max_new_tokens, draft_tokens, sampling, eos, stats)
+        return torch.cat([input_ids, new], dim=1), stats
+
+    def check_generate_args(self, input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask):
+        V = self.config.vocab_size
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor; got shape {tuple(input_ids.shape)}")
+        if input_ids.min() < 0 or input_ids.max() >= V:
+            raise ValueError(f"token ids must lie in [0, {V}); got min {input_ids.min().item()}, "
+                             f"max {input_ids.max().item()}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if attention_mask is not None and not attention_mask.bool()[:, -1].all():
+            raise ValueError("attention_mask: every row's last token must be real (use left padding)")
+        if max_new_tokens < 0 or draft_tokens < 0:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) and draft_tokens ({draft_tokens}) "
+                             "must be >= 0")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
+        if draft_tokens and self.mtp is None:
+            raise ValueError("draft_tokens > 0 needs an MTP head, and this checkpoint has none "
+                             "(no mtp.* tensors)")
+        if draft_tokens and len(self.mtp.layers) != 1:
+            raise ValueError(f"speculative decoding drives one MTP layer (as every Qwen3.5 checkpoint "
+                             f"has); this model has {len(self.mtp.layers)}")
+        if draft_tokens and input_ids.shape[0] != 1:
+            raise ValueError(f"speculative decoding (draft_tokens > 0) supports batch size 1; got "
+                             f"{input_ids.shape[0]}. Use draft_tokens=0 for batches.")
+
+    def decode(self, input_ids, valid, max_new_tokens, _, sampling, eos, stats):
+        """Plain decoding: one main-model forward per token. Finished rows repeat their EOS."""
+        cache = Cache(self.config.layer_types)
+        hidden = self.model(input_ids, valid, cache)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = []
+        while True:
+            token = pick(self.lm_head(hidden[:, -1]), *sampling)
+            if new:
+                token = torch.where(finished, new[-1], token)
+            new.append(token)
+            finished |= torch.isin(token, eos)
+            if len(new) == max_new_tokens or finished.all():
+                return torch.stack(new, dim=1)
+            hidden = self.model(token[:, None], None, cache)
+            stats["main_forwards"] += 1
+
+    def speculative_decode(self, input_ids, valid, max_new_tokens, k, sampling, eos, stats):
+        """Draft with MTP, verify with the main model, keep the agreeing prefix (batch 1)."""
+        cache, mtp_cache = Cache(self.config.layer_types), Cache(["full_attention"])
+        hidden = self.model(input_ids, valid, cache)
+        token = pick(self.lm_head(hidden[:, -1]), *sampling)
+        new = [token]
+        # MTP rows not yet in its cache: (h_t, x_{t+1}) for every t whose next token is known.
+        # At prefill that is the whole prompt, so the head drafts with the prompt as context.
+        pending_hidden, pending_next = hidden, torch.cat([input_ids[:, 1:], token[:, None]], dim=1)
+        pending_valid = None if valid is None else valid & torch.cat([valid[:, 1:], valid[:, -1:]], dim=1)
+        while len(new) < max_new_tokens and not torch.isin(new[-1], eos).any():
+            n = min(k, max_new_tokens - len(new) - 1)
+            drafts, draft_probs = self.draft(pending_hidden, pending_next, pending_valid, mtp_cache, n, sampling)
+            block = torch.cat([token[:, None]] + [d[:, None] for d in drafts], dim=1)   # [1, n+1]
+            hidden = self.model(block, None, cache)
+            stats["main_forwards"] += 1
+            accepted, token = verify_drafts(drafts, draft_probs, self.lm_head(hidden[0]), *sampling)
+            cache.crop(len(cache) - (n - accepted))        # roll back the rejected drafts
+            stats["drafted"] += n
+            stats["accepted"] += accepted
+            for i in range(n):
+                stats["drafted_at"][i] += 1
+                stats["accepted_at"][i] += i < accepted
+            kept = drafts[:accepted] + [token]
+            new += kept
+            pending_hidden = hidden[:, :accepted + 1]
+            pending_next, pending_valid = torch.stack(kept, dim=1), None
+        new = torch.stack(new[:max_new_tokens], dim=1)
+        if len(eos) and torch.isin(new, eos).any():       # stop at the first EOS
+            new = new[:, :int(torch.isin(new[0], eos).nonzero()[0]) + 1]
+        return new
+
+    def draft(self, hidden, next_tokens, valid, mtp_cache, n, sampling):
+        """Add the MTP rows (hidden_t, next_t) to the head's cache, then draft n tokens. Draft i > 0
+        feeds back the head's own post-norm output with draft i-1, one position later (as vLLM does);
+        those chained rows are dropped from the cache afterwards, since the verified rows replace them.
+        Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from."""
+        if n == 0:
+            return [], []
+        embed = self.model.embed_tokens
+        if valid is None:
+            valid = torch.ones(next_tokens.shape, dtype=torch.bool, device=next_tokens.device)
+        h = self.mtp(hidden, embed(next_tokens), valid, mtp_cache)[:, -1:]
+        committed = len(mtp_cache)
+        drafts, probs = [], []
+        temperature, top_p, generator = sampling
+        for i in range(n):
+            logits = self.lm_head(h[:, -1])
+            drafts.append(pick(logits, *sampling))
+            if temperature > 0:
+                probs.append(token_probs(logits, temperature, top_p)[0])
+            if i + 1 < n:
+                h = self.mtp(h, embed(drafts[-1][:, None]), valid[:, -1:], mtp_cache)
+        mtp_cache.crop(committed)
+        return drafts, probs
+
+
+def token_probs(logits, temperature, top_p):
+    """Sampling distribution [.., V] (fp32): softmax(logits / temperature), restricted to the smallest
+    set of tokens whose probability reaches top_p (the nucleus), renormalised."""
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p      # mass before it already >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def pick(logits, temperature, top_p, generator):
+    """Next tokens [B] from logits [B, V]: the argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(token_probs(logits, temperature, top_p), 1, generator=generator)[:, 0]
+
+
+def verify_drafts(drafts, draft_probs, logits, temperature, top_p, generator):
+    """Accept a prefix of the n drafts given the main model's logits [n+1, V] at the block
+    [last token, drafts...]. Returns (accepted count a, the token after the accepted drafts [1]).
+    Greedy: accept while each draft is the argmax. Sampling: accept draft i with probability
+    min(1, p_i(d)/q_i(d)); at the first rejection sample from the residual max(0, p_i - q_i),
+    renormalised; if all pass, sample from p_n. This leaves the output distributed exactly as p."""
+    if temperature == 0:
+        target = logits.argmax(-1)
+        a = 0
+        while a < len(drafts) and drafts[a].item() == target[a].item():
+            a += 1
+        return a, target[a:a + 1]
+    p = token_probs(logits, temperature, top_p)
+    for i, (d, q) in enumerate(zip(drafts, draft_probs)):
+        if torch.rand(1, generator=generator, device=q.device) * q[d] < p[i, d]:
+            continue
+        residual = (p[i] - q).clamp(min=0)
+        residual = residual if residual.sum() > 0 else p[i]
+        return i, torch.multinomial(residual / residual.sum(), 1, generator=generator)
+    return len(drafts), torch.multinomial(p[-1], 1, generator=generator)
