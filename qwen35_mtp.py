@@ -16,8 +16,14 @@ V vocabulary. Checkpoint names are mirrored by the module names, so `model.layer
 here is `model.language_model.layers.3.self_attn.q_proj.weight` in an official checkpoint.
 """
 
+import argparse
+import glob
+import json
 import math
-from dataclasses import dataclass, field, fields
+import os
+import sysconfig
+import time
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -732,11 +738,12 @@ class Qwen35(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, draft_tokens=0,
-                 attention_mask=None, eos_token_id=None, generator=None):
+                 attention_mask=None, eos_token_id=None, generator=None, stream=None):
         """Decode up to max_new_tokens after input_ids [B, T] (left-padded rows: attention_mask).
         temperature 0 is greedy. draft_tokens = k > 0 drafts k tokens per step with the MTP head and
         verifies them in one main-model forward of k+1 tokens: the output is exactly that of plain
         decoding (greedy), or has exactly its distribution (sampling).
+        stream, if given, is called with each batch of final new tokens [B, n] as they come.
         Returns ids [B, T + n] and stats {drafted, accepted, main_forwards (after the prefill),
         drafted_at, accepted_at (per draft position)}."""
         self.check_generate_args(input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask)
@@ -748,7 +755,7 @@ class Qwen35(nn.Module):
         if max_new_tokens == 0:
             return input_ids, stats
         decode = self.speculative_decode if draft_tokens else self.decode
-        new = decode(input_ids, valid, max_new_tokens, draft_tokens, sampling, eos, stats)
+        new = decode(input_ids, valid, max_new_tokens, draft_tokens, sampling, eos, stats, stream or (lambda _: None))
         return torch.cat([input_ids, new], dim=1), stats
 
     def check_generate_args(self, input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask):
@@ -778,7 +785,7 @@ class Qwen35(nn.Module):
             raise ValueError(f"speculative decoding (draft_tokens > 0) supports batch size 1; got "
                              f"{input_ids.shape[0]}. Use draft_tokens=0 for batches.")
 
-    def decode(self, input_ids, valid, max_new_tokens, _, sampling, eos, stats):
+    def decode(self, input_ids, valid, max_new_tokens, _, sampling, eos, stats, stream):
         """Plain decoding: one main-model forward per token. Finished rows repeat their EOS."""
         cache = Cache(self.config.layer_types)
         hidden = self.model(input_ids, valid, cache)
@@ -789,26 +796,29 @@ class Qwen35(nn.Module):
             if new:
                 token = torch.where(finished, new[-1], token)
             new.append(token)
+            stream(token[:, None])
             finished |= torch.isin(token, eos)
             if len(new) == max_new_tokens or finished.all():
                 return torch.stack(new, dim=1)
             hidden = self.model(token[:, None], None, cache)
             stats["main_forwards"] += 1
 
-    def speculative_decode(self, input_ids, valid, max_new_tokens, k, sampling, eos, stats):
+    def speculative_decode(self, input_ids, valid, max_new_tokens, k, sampling, eos, stats, stream):
         """Draft with MTP, verify with the main model, keep the agreeing prefix (batch 1)."""
         cache, mtp_cache = Cache(self.config.layer_types), Cache(["full_attention"])
         hidden = self.model(input_ids, valid, cache)
         token = pick(self.lm_head(hidden[:, -1]), *sampling)
-        new = [token]
+        stream(token[:, None])
+        new = [token]                                       # [1] tensors, then blocks of kept tokens
         # MTP rows not yet in its cache: (h_t, x_{t+1}) for every t whose next token is known.
         # At prefill that is the whole prompt, so the head drafts with the prompt as context.
         pending_hidden, pending_next = hidden, torch.cat([input_ids[:, 1:], token[:, None]], dim=1)
         pending_valid = None if valid is None else valid & torch.cat([valid[:, 1:], valid[:, -1:]], dim=1)
-        while len(new) < max_new_tokens and not torch.isin(new[-1], eos).any():
-            n = min(k, max_new_tokens - len(new) - 1)
+        produced = 1
+        while produced < max_new_tokens and not torch.isin(token, eos).any():
+            n = min(k, max_new_tokens - produced - 1)      # never draft past the budget
             drafts, draft_probs = self.draft(pending_hidden, pending_next, pending_valid, mtp_cache, n, sampling)
-            block = torch.cat([token[:, None]] + [d[:, None] for d in drafts], dim=1)   # [1, n+1]
+            block = torch.cat([token] + drafts)[None]       # [1, n+1]: last token, then the drafts
             hidden = self.model(block, None, cache)
             stats["main_forwards"] += 1
             accepted, token = verify_drafts(drafts, draft_probs, self.lm_head(hidden[0]), *sampling)
@@ -818,14 +828,14 @@ class Qwen35(nn.Module):
             for i in range(n):
                 stats["drafted_at"][i] += 1
                 stats["accepted_at"][i] += i < accepted
-            kept = drafts[:accepted] + [token]
-            new += kept
-            pending_hidden = hidden[:, :accepted + 1]
-            pending_next, pending_valid = torch.stack(kept, dim=1), None
-        new = torch.stack(new[:max_new_tokens], dim=1)
-        if len(eos) and torch.isin(new, eos).any():       # stop at the first EOS
-            new = new[:, :int(torch.isin(new[0], eos).nonzero()[0]) + 1]
-        return new
+            kept = torch.cat(drafts[:accepted] + [token])
+            if (ends := torch.isin(kept, eos).nonzero()).numel():
+                kept = token = kept[:ends[0, 0] + 1]        # stop at the first EOS
+            new.append(kept)
+            stream(kept[None])
+            produced += len(kept)
+            pending_hidden, pending_next, pending_valid = hidden[:, :accepted + 1], kept[None], None
+        return torch.cat(new)[None]
 
     def draft(self, hidden, next_tokens, valid, mtp_cache, n, sampling):
         """Add the MTP rows (hidden_t, next_t) to the head's cache, then draft n tokens. Draft i > 0
@@ -891,3 +901,234 @@ def verify_drafts(drafts, draft_probs, logits, temperature, top_p, generator):
         residual = residual if residual.sum() > 0 else p[i]
         return i, torch.multinomial(residual / residual.sum(), 1, generator=generator)
     return len(drafts), torch.multinomial(p[-1], 1, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Checkpoints in the official layout (safetensors, written and read with the standard library)
+#
+# A safetensors file is an 8-byte little-endian header length, a JSON header mapping each name to
+# its dtype, shape and byte range, then the raw bytes. load.py reads any official checkpoint with
+# the safetensors package; these two functions only serve the demo below.
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def save_safetensors(tensors, path):
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name, t in tensors.items():
+        blob = t.detach().cpu().contiguous().view(torch.uint8).flatten().numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)                      # keep the tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for blob in blobs:
+            f.write(blob)
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    raw = torch.frombuffer(bytearray(data[8 + n:]), dtype=torch.uint8)
+    return {name: raw[a:b].view(dtypes[info["dtype"]]).reshape(info["shape"])
+            for name, info in header.items() for a, b in [info["data_offsets"]]}
+
+
+def save_checkpoint(model, directory):
+    """config.json (flat text config) + model.safetensors with `model.*`, `lm_head.weight` (untied
+    only) and `mtp.*`: loadable by load.py and by transformers' Qwen3_5ForCausalLM."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(model.config.to_hf(), f, indent=2)
+    tensors = {name: p for name, p in model.state_dict().items()
+               if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_safetensors(tensors, os.path.join(directory, "model.safetensors"))
+
+
+def load_demo_checkpoint(directory):
+    """Read back a checkpoint written by save_checkpoint (use load.py for official checkpoints)."""
+    with open(os.path.join(directory, "config.json")) as f:
+        config = Qwen35Config.from_hf(json.load(f))
+    tensors = read_safetensors(os.path.join(directory, "model.safetensors"))
+    has_mtp = any(name.startswith("mtp.") for name in tensors)
+    model = Qwen35(config if has_mtp else replace(config, mtp_num_hidden_layers=0))
+    if config.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    model.load_state_dict(tensors)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. The demo: train a small Qwen3.5 with its MTP head from scratch, then decode with MTP drafts
+#
+# Data: the Python standard library's own source files, as bytes (vocab 256, no tokenizer), which
+# every machine has offline. Every 20th file is held out for evaluation and prompts.
+
+DEMO_SIZES = {   # name: (hidden, layers, heads, DeltaNet key heads, value heads, head dims, MLP width)
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384),
+    "small": dict(hidden_size=192, num_hidden_layers=4, intermediate_size=576),
+    "base": dict(hidden_size=256, num_hidden_layers=8, intermediate_size=768),
+}
+
+
+def demo_config(size="small", **overrides):
+    sizes = dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                 linear_value_head_dim=32, tie_word_embeddings=True, mtp_num_hidden_layers=1)
+    return Qwen35Config(**{**sizes, **DEMO_SIZES[size], **overrides})
+
+
+def stdlib_corpus(every=20):
+    """(train bytes, held-out bytes) of the standard library's top-level .py files, as uint8."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    text = [open(f, "rb").read() for f in files]
+    held_out = b"".join(t for i, t in enumerate(text) if i % every == 0)
+    train = b"".join(t for i, t in enumerate(text) if i % every != 0)
+    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).long()
+    return as_tensor(train), as_tensor(held_out)
+
+
+def random_windows(data, batch_size, length, generator):
+    starts = torch.randint(0, len(data) - length, (batch_size,), generator=generator)
+    return torch.stack([data[s:s + length] for s in starts.tolist()])
+
+
+def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=1, freeze_backbone=False,
+          seed=0, time_budget=None, log=print, log_every=10):
+    """AdamW with linear warmup and cosine decay, gradient clipping at 1.0, on the model's own loss
+    (lm_loss + mtp_loss_weight * mtp_loss). freeze_backbone trains only mtp.* on mtp_loss, the way
+    an MTP head is added to an existing model. Returns the logged rows."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("mtp.") or not freeze_backbone)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]   # norms, gates
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    history, start, tokens = [], time.time(), 0
+    for step in range(steps):
+        x = random_windows(data, batch_size, seq_len, generator)
+        out = model(x, labels=x, mtp_depth=mtp_depth)
+        loss = out.mtp_loss if freeze_backbone else out.loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        tokens += x.numel()
+        elapsed = time.time() - start
+        if step % log_every == 0 or step == steps - 1:
+            row = dict(step=step, lm_loss=out.lm_loss.item(), mtp_losses=[l.item() for l in out.mtp_losses],
+                       tokens_per_s=tokens / elapsed, eta_s=elapsed / (step + 1) * (steps - step - 1))
+            history.append(row)
+            log(f"step {step:4d}/{steps}  lm {row['lm_loss']:.3f}  mtp "
+                + " ".join(f"{l:.3f}" for l in row["mtp_losses"])
+                + f"  {row['tokens_per_s']:,.0f} tok/s  {row['eta_s']:.0f}s left")
+        if time_budget is not None and elapsed > time_budget:
+            log(f"time budget of {time_budget}s reached after {step + 1} steps")
+            break
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model, data, *, seq_len=256, batches=4, batch_size=16, mtp_depth=1):
+    """Mean held-out lm_loss and per-depth mtp losses over fixed, evenly spaced windows."""
+    starts = torch.linspace(0, len(data) - seq_len - 1, batches * batch_size).long()
+    windows = torch.stack([data[s:s + seq_len] for s in starts.tolist()]).split(batch_size)
+    outs = [model(x, labels=x, mtp_depth=mtp_depth) for x in windows]
+    lm = sum(o.lm_loss.item() for o in outs) / len(outs)
+    mtp = [sum(o.mtp_losses[d].item() for o in outs) / len(outs) for d in range(len(outs[0].mtp_losses))]
+    return lm, mtp
+
+
+def compare_decoding(model, prompt, new_tokens, draft_counts=(1, 2, 3), log=print):
+    """Greedy-decode the same prompt plainly and with k MTP drafts; check the outputs agree and
+    report acceptance and speed. Returns {k: (tokens per second, stats)} with k = 0 for plain."""
+    def timed(k):
+        model.generate(prompt, 8, draft_tokens=k)                      # warm up
+        start = time.time()
+        ids, stats = model.generate(prompt, new_tokens, draft_tokens=k)
+        return ids, (ids.shape[1] - prompt.shape[1]) / (time.time() - start), stats
+    plain, plain_speed, _ = timed(0)
+    results = {0: (plain_speed, None)}
+    log(f"plain greedy: {plain_speed:.1f} tokens/s")
+    for k in draft_counts:
+        ids, speed, stats = timed(k)
+        if not torch.equal(ids, plain):
+            raise AssertionError(f"speculative decoding with k={k} changed the output")
+        per_position = [a / max(d, 1) for a, d in zip(stats["accepted_at"], stats["drafted_at"])]
+        mean_accepted = stats["accepted"] / stats["main_forwards"]
+        log(f"k={k}: identical output; acceptance per draft position "
+            + " ".join(f"{r:.2f}" for r in per_position)
+            + f"; {mean_accepted:.2f} drafts accepted per verification; {speed:.1f} tokens/s, "
+            f"speedup {speed / plain_speed:.2f}x")
+        results[k] = (speed, stats)
+    return results, plain
+
+
+def add_mtp_head(model):
+    """Give a backbone without MTP weights a freshly initialised MTP head."""
+    model.config = replace(model.config, mtp_num_hidden_layers=1)
+    model.mtp = MTPHead(model.config)
+    model.mtp.apply(model._init_weights)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train a small Qwen3.5 with its MTP head on the Python "
+                                     "standard library's source (bytes), then decode with MTP drafts.")
+    parser.add_argument("--size", choices=sorted(DEMO_SIZES), default="small")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--mtp-loss-weight", type=float, default=0.3)
+    parser.add_argument("--mtp-depth", type=int, default=1, help="chain the MTP head D times in training")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train only the MTP head")
+    parser.add_argument("--init", help="start from a checkpoint saved by this demo")
+    parser.add_argument("--time-budget", type=float, help="stop training after this many seconds")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/demo", help="checkpoint directory")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    train_data, held_out = stdlib_corpus()
+    print(f"data: {len(train_data):,} training bytes, {len(held_out):,} held-out bytes (Python stdlib)")
+    if args.init:
+        model = load_demo_checkpoint(args.init)
+        model = model if model.mtp is not None else add_mtp_head(model)
+    else:
+        model = Qwen35(demo_config(args.size))
+    model.config.mtp_loss_weight = args.mtp_loss_weight
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, layers {model.config.layer_types}")
+    train(model, train_data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+          mtp_depth=args.mtp_depth, freeze_backbone=args.freeze_backbone, seed=args.seed,
+          time_budget=args.time_budget)
+    lm, mtp = evaluate(model, held_out, seq_len=args.seq_len, mtp_depth=args.mtp_depth)
+    print(f"held-out: lm loss {lm:.3f}, mtp loss " + " ".join(f"{l:.3f}" for l in mtp)
+          + " (nats per byte; depth 1 first)")
+    save_checkpoint(model, args.out)
+    print(f"saved {args.out}/config.json and model.safetensors")
+    prompt = held_out[:200][None]
+    print(f"prompt (held-out): {bytes(prompt[0].tolist()).decode(errors='replace')!r}")
+    _, ids = compare_decoding(model, prompt, args.new_tokens)
+    print("continuation:\n" + bytes(ids[0, prompt.shape[1]:].tolist()).decode(errors="replace"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,979 @@
+"""
+Parity tests: qwen35_mtp.py + load.py against transformers 5.24 as the oracle.
+
+Every test builds tiny random models in transformers (fp32, eager attention), writes them to disk as
+checkpoints in the layouts real checkpoints use, loads them with `load_checkpoint` and compares.
+
+    0. shared helpers and fixtures (oracles, checkpoint writers, cached cases)
+    1. logits vs transformers            dense/MoE, tied/untied, official/CausalLM layout, lengths, padding
+    2. MTP logits vs MtpModel
+    3. losses and gradients
+    4. chunked vs recurrent gated delta rule
+    5. hidden states, layer by layer
+    6. broken checkpoints and loader behaviour
+    7. config parsing of the real configs
+    8. generation: cached steps, greedy parity, speculative decoding, rollback, bad input
+
+    cd /work/main && .venv/bin/python -m pytest test_mtp.py -x -q
+"""
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
+                          Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeTextConfig,
+                          Qwen3_5TextConfig)
+from transformers.modeling_layers import MtpModel
+
+from load import load_checkpoint
+from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, RMSNorm, chunked_gated_delta_rule,
+                        recurrent_gated_delta_rule, verify_drafts)
+
+# ==============================================================================================
+# 0. Shared helpers and fixtures
+
+TOL = 1e-5                      # max abs difference allowed against the oracle (fp32 everywhere)
+GRAD_TOL = 1e-6                 # gradients are ~0.07 at most here, so they get a tighter absolute bound
+T_LONG = 150                    # > 64 (one chunk) and not a multiple of 64
+BATCH = 2
+
+TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+            linear_conv_kernel_dim=4, rms_norm_eps=1e-6, initializer_range=0.03,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))
+DENSE = dict(intermediate_size=96)
+MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+EVERY_4TH = ["linear_attention"] * 3 + ["full_attention"]
+CUSTOM = ["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention"]
+
+# Together the cases cover dense/MoE x tied/untied x official (VL-wrapped, fused experts, model.visual.*)
+# / CausalLM (save_pretrained: per-expert, single file or sharded) layouts.
+CASES = {
+    "dense-tied-official": dict(moe=False, tied=True, layout="official", layer_types=EVERY_4TH, seed=1),
+    "dense-untied-causallm": dict(moe=False, tied=False, layout="causallm", layer_types=CUSTOM, seed=2),
+    "moe-untied-official": dict(moe=True, tied=False, layout="official", layer_types=EVERY_4TH, seed=3),
+    "moe-tied-causallm-sharded": dict(moe=True, tied=True, layout="causallm", layer_types=CUSTOM, seed=4,
+                                      sharded=True),
+}
+DENSE_CASE, MOE_CASE = "dense-untied-causallm", "moe-untied-official"
+
+# MtpModel parameter names -> checkpoint names under `mtp.`
+MTP_RENAMES = [("layers.0.enorm.", "pre_fc_norm_embedding."), ("layers.0.hnorm.", "pre_fc_norm_hidden."),
+               ("layers.0.eh_proj.", "fc."), ("layers.0.post_norm.", "norm."), ("layers.0.mtp_block.", "layers.0.")]
+
+
+def mtp_key(oracle_name):
+    for old, new in MTP_RENAMES:
+        if oracle_name.startswith(old):
+            return "mtp." + new + oracle_name[len(old):]
+    raise KeyError(oracle_name)
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_close(ours, ref, what, tol=TOL):
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs oracle {tuple(ref.shape)}"
+    d = max_diff(ours, ref)
+    assert d <= tol, f"{what}: max abs diff {d:.3e} > {tol:.0e}"
+    return d
+
+
+@torch.no_grad()
+def perturb(module):
+    """Make every parameter matter: (1+w) norms get non-zero w, gated norm weights move off 1, and the
+    DeltaNet decay gets a spread of slow and fast heads (so state carries across chunk boundaries)."""
+    for name, p in module.named_parameters():
+        if "norm" in name:
+            p.normal_(0, 0.3)
+        elif name.endswith("A_log"):
+            p.uniform_(-4.0, 0.5)
+        elif name.endswith("dt_bias"):
+            p.normal_(0, 0.5)
+
+
+def build_oracle(spec):
+    """A transformers CausalLM (the backbone oracle) and an MtpModel around it (the MTP oracle)."""
+    torch.manual_seed(spec["seed"])
+    config_cls, model_cls = (Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM) if spec["moe"] else \
+        (Qwen3_5TextConfig, Qwen3_5ForCausalLM)
+    cfg = config_cls(**TINY, **(MOE if spec["moe"] else DENSE), num_hidden_layers=len(spec["layer_types"]),
+                     layer_types=spec["layer_types"], tie_word_embeddings=spec["tied"])
+    cfg._attn_implementation = "eager"
+    hf = model_cls(cfg).eval()
+    hf.config.num_mtp_layers = 1
+    hf.config.mtp_layer_types = ["full_attention"]
+    mtp = MtpModel(hf, 1).eval()
+    with torch.no_grad():   # MtpModel leaves a MoE block's router at zero and its experts uninitialised
+        for name, p in mtp.named_parameters():
+            if name.endswith(("mlp.gate.weight", "experts.gate_up_proj", "experts.down_proj")):
+                p.normal_(0, cfg.initializer_range)
+    perturb(hf)
+    perturb(mtp)
+    for name, p in list(hf.named_parameters()) + list(mtp.named_parameters()):
+        assert p.isfinite().all() and 0 < p.abs().max() < 5, f"oracle parameter {name} is not sanely initialised"
+    if spec["tied"]:
+        assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    return hf, mtp
+
+
+def build_vl_oracle(hf, spec):
+    """The official wrapper class (Qwen3_5(Moe)ForConditionalGeneration) holding the same language model."""
+    text = {k: v for k, v in hf.config.to_dict().items() if k not in ("num_mtp_layers", "mtp_layer_types")}
+    config_cls, model_cls = (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if spec["moe"] else \
+        (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+    cfg = config_cls(text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
+                                                          num_heads=2, out_hidden_size=64),
+                     tie_word_embeddings=spec["tied"])
+    vl = model_cls._from_config(cfg, attn_implementation="eager").eval()
+    vl.model.language_model.load_state_dict(hf.model.state_dict())
+    vl.lm_head.load_state_dict(hf.lm_head.state_dict())
+    assert (vl.lm_head.weight is vl.model.language_model.embed_tokens.weight) == spec["tied"]
+    return vl
+
+
+def mtp_tensors(mtp):
+    """MTP oracle weights under checkpoint names; experts PER EXPERT, as official MoE checkpoints store them."""
+    out = {}
+    for name, p in mtp.named_parameters():
+        if not name.startswith("layers."):
+            continue                            # embed_tokens / shared_head: shared with the main model
+        key, p = mtp_key(name), p.detach()
+        if key.endswith("mlp.experts.gate_up_proj"):
+            I = MOE["moe_intermediate_size"]
+            for e in range(p.shape[0]):
+                out[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = p[e, :I].clone()
+                out[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = p[e, I:].clone()
+        elif key.endswith("mlp.experts.down_proj"):
+            for e in range(p.shape[0]):
+                out[key.replace("down_proj", f"{e}.down_proj.weight")] = p[e].clone()
+        else:
+            out[key] = p.clone()
+    return out
+
+
+def official_tensors(hf, mtp, spec):
+    """Official layout: `model.language_model.*` (fused experts as in memory), no lm_head when tied,
+    top-level `mtp.*` (per expert), plus `model.visual.*` tensors that the loader must skip."""
+    out = {}
+    for key, t in hf.state_dict().items():
+        if key == "lm_head.weight":
+            if not spec["tied"]:
+                out[key] = t.clone()
+        else:
+            assert key.startswith("model.")
+            out["model.language_model." + key[len("model."):]] = t.clone()
+    out.update(mtp_tensors(mtp))
+    out["model.visual.patch_embed.proj.weight"] = torch.randn(32, 3, 2, 16, 16)
+    out["model.visual.blocks.0.attn.qkv.weight"] = torch.randn(96, 32)
+    out["model.visual.merger.linear_fc2.bias"] = torch.randn(64)
+    return out
+
+
+def official_config(hf, spec):
+    """config.json in the official nested form: text fields under `text_config`, tie flag at the top."""
+    text = {k: v for k, v in hf.config.to_dict().items()
+            if k not in ("num_mtp_layers", "mtp_layer_types", "tie_word_embeddings", "architectures",
+                         "transformers_version", "initializer_range")}
+    text.update(mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False, attn_output_gate=True,
+                mlp_only_layers=[], full_attention_interval=4)
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True, "mrope_section": [1, 1, 2]}
+    moe = spec["moe"]
+    return {"architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+            "model_type": "qwen3_5_moe" if moe else "qwen3_5", "text_config": text,
+            "tie_word_embeddings": spec["tied"], "image_token_id": 120, "video_token_id": 121,
+            "vision_config": {"depth": 1, "hidden_size": 32, "out_hidden_size": 64}}
+
+
+def write_checkpoint(path, tensors, config, dtype=None):
+    """config.json + one model.safetensors."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return str(path)
+
+
+def write_causallm_checkpoint(path, hf, mtp, spec):
+    """transformers' own save_pretrained (flat config, `model.*`, experts per expert), plus the MTP
+    tensors: appended to model.safetensors, or as one more shard listed in the index."""
+    hf.save_pretrained(path, max_shard_size="100KB" if spec.get("sharded") else "1GB")
+    extra = mtp_tensors(mtp)
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        save_file(extra, os.path.join(path, "model-mtp.safetensors"), metadata={"format": "pt"})
+        with open(index_path) as f:
+            index = json.load(f)
+        index["weight_map"].update({k: "model-mtp.safetensors" for k in extra})
+        with open(index_path, "w") as f:
+            json.dump(index, f)
+        assert len(set(index["weight_map"].values())) > 2
+    else:
+        file = os.path.join(path, "model.safetensors")
+        save_file({**load_file(file), **extra}, file, metadata={"format": "pt"})
+    return str(path)
+
+
+def all_tensors(path):
+    """Every tensor of a checkpoint directory (single file or shards)."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def make_labels(ids, seed):
+    """HF-style labels (unshifted) with -100 at the start and at ~20% random positions."""
+    g = torch.Generator().manual_seed(seed)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[torch.rand(ids.shape, generator=g) < 0.2] = -100
+    return labels
+
+
+@torch.no_grad()
+def oracle_mtp_logits(hf, mtp, ids, h):
+    """MtpModel over every (h_t, x_{t+1}) pair; row t predicts x_{t+2}. h: the oracle's post-norm last state."""
+    B, T = ids.shape
+    pos = torch.arange(T - 1)[None].expand(B, -1)
+    mh = mtp.forward_layer(0, last_hidden_states=h[:, :-1], position_ids=pos, mtp_cache=None, input_ids=ids[:, 1:])
+    return hf.lm_head(mh)
+
+
+_CASES = {}
+
+
+def get_case(name, tmp_path_factory):
+    """Build (once per session) oracle, checkpoint on disk, our loaded model, and both sides' outputs."""
+    if name in _CASES:
+        return _CASES[name]
+    spec = CASES[name]
+    hf, mtp = build_oracle(spec)
+    path = str(tmp_path_factory.mktemp(name))
+    vl, tensors, config = None, None, None
+    if spec["layout"] == "official":
+        vl = build_vl_oracle(hf, spec)
+        tensors, config = official_tensors(hf, mtp, spec), official_config(hf, spec)
+        write_checkpoint(path, tensors, config)
+    else:
+        write_causallm_checkpoint(path, hf, mtp, spec)
+    model = load_checkpoint(path)
+
+    g = torch.Generator().manual_seed(spec["seed"])
+    ids = torch.randint(0, TINY["vocab_size"], (BATCH, T_LONG), generator=g)
+    labels = make_labels(ids, spec["seed"])
+    extra = dict(output_router_logits=False) if spec["moe"] else {}
+    with torch.no_grad():
+        ref = hf(ids, labels=labels, output_hidden_states=True, **extra)
+        ref_mtp = oracle_mtp_logits(hf, mtp, ids, ref.hidden_states[-1])
+        ref_vl = vl(input_ids=ids).logits if vl is not None else None
+        out = model(ids, labels=labels, output_hidden_states=True)
+    case = SimpleNamespace(name=name, spec=spec, hf=hf, mtp=mtp, vl=vl, path=path, model=model, ids=ids,
+                           labels=labels, ref=ref, ref_mtp=ref_mtp, ref_vl=ref_vl, out=out, tensors=tensors,
+                           config=config)
+    _CASES[name] = case
+    return case
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    return get_case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def official_dense(tmp_path_factory):
+    """The dense official-layout case: tensors and config.json to corrupt in section 6."""
+    return get_case("dense-tied-official", tmp_path_factory)
+
+
+# ==============================================================================================
+# 1. Logits vs transformers
+
+def test_logits_match_oracle(case):
+    """Logits [B, 150, V] equal the CausalLM oracle's (and the VL wrapper's, for official checkpoints)."""
+    assert_close(case.out.logits, case.ref.logits, f"{case.name} logits vs CausalLM")
+    if case.ref_vl is not None:
+        assert_close(case.out.logits, case.ref_vl, f"{case.name} logits vs ConditionalGeneration")
+    assert case.out.logits.abs().max() > 0.5        # not a degenerate model: diffs are meaningful
+
+
+@pytest.mark.parametrize("T", [1, 5, 64, 65, 129])
+def test_logits_match_oracle_lengths(case, T):
+    """Lengths below, at and just past a chunk boundary (64) match too, for logits and MTP logits."""
+    ids = case.ids[:, :T]
+    with torch.no_grad():
+        ref = case.hf(ids, output_hidden_states=True)
+        out = case.model(ids)
+    assert_close(out.logits, ref.logits, f"{case.name} T={T} logits")
+    if T == 1:
+        assert out.mtp_logits is None               # no (h_t, x_{t+1}) pair exists
+    else:
+        ref_mtp = oracle_mtp_logits(case.hf, case.mtp, ids, ref.hidden_states[-1])
+        assert_close(out.mtp_logits, ref_mtp, f"{case.name} T={T} MTP logits")
+
+
+def test_tied_head_is_embedding(case):
+    """Tied checkpoints share one tensor for lm_head and embed_tokens; untied ones load their own lm_head."""
+    m = case.model
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) == case.spec["tied"]
+    assert torch.equal(m.lm_head.weight, case.hf.lm_head.weight)
+
+
+PAD_CASES = [DENSE_CASE, "moe-tied-causallm-sharded"]
+
+
+@pytest.mark.parametrize("name", PAD_CASES)
+def test_left_padding_matches_oracle_and_unpadded(name, tmp_path_factory):
+    """Left-padded batch: real positions equal the oracle (given mask + position_ids), and equal our own
+    unpadded run of each row (logits and MTP logits)."""
+    c = get_case(name, tmp_path_factory)
+    pads = [0, 20, 81]                              # real lengths 150, 130, 69: all past one chunk
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, TINY["vocab_size"], (len(pads), T_LONG), generator=g)
+    mask = torch.ones_like(ids)
+    for r, p in enumerate(pads):
+        mask[r, :p] = 0
+        ids[r, :p] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = c.hf(ids, attention_mask=mask, position_ids=position_ids).logits
+        out = c.model(ids, attention_mask=mask)
+        for r, p in enumerate(pads):
+            assert_close(out.logits[r, p:], ref[r, p:], f"{name} row {r} (pad {p}) vs oracle")
+            alone = c.model(ids[r:r + 1, p:])
+            assert_close(out.logits[r, p:], alone.logits[0], f"{name} row {r} padded vs unpadded")
+            assert_close(out.mtp_logits[r, p:], alone.mtp_logits[0], f"{name} row {r} MTP padded vs unpadded")
+
+
+# ==============================================================================================
+# 2. MTP logits vs MtpModel
+
+def test_mtp_logits_match_oracle(case):
+    """MTP logits [B, T-1, V] (row t predicts t+2) equal MtpModel.forward_layer + lm_head."""
+    assert case.out.mtp_logits.shape == (BATCH, T_LONG - 1, TINY["vocab_size"])
+    assert_close(case.out.mtp_logits, case.ref_mtp, f"{case.name} MTP logits")
+
+
+def test_mtp_loads_every_oracle_tensor(case):
+    """Every MTP parameter equals the oracle's tensor (experts restacked from per-expert keys)."""
+    ours = dict(case.model.mtp.named_parameters())
+    for name, p in case.mtp.named_parameters():
+        if name.startswith("layers."):
+            key = mtp_key(name)[len("mtp."):]
+            assert torch.equal(ours[key], p), key
+
+
+# ==============================================================================================
+# 3. Losses and gradients
+
+def test_lm_loss_matches_oracle(case):
+    """lm_loss (labels unshifted, -100 ignored) equals transformers' loss."""
+    assert_close(case.out.lm_loss, case.ref.loss, f"{case.name} lm_loss")
+
+
+def test_mtp_loss_is_ce_shifted_by_two(case):
+    """mtp_loss = CE(oracle MTP logits rows [:T-2], labels[:, 2:]), -100 ignored."""
+    T = T_LONG
+    expected = F.cross_entropy(case.ref_mtp[:, :T - 2].flatten(0, 1), case.labels[:, 2:].flatten(),
+                               ignore_index=-100)
+    assert_close(case.out.mtp_loss, expected, f"{case.name} mtp_loss")
+    assert (case.labels[:, 2:] == -100).any()
+
+
+def test_total_loss_combines(case):
+    """loss == lm_loss + mtp_loss_weight * mtp_loss, with the configured weight."""
+    w = case.model.config.mtp_loss_weight
+    assert w > 0
+    expected = case.out.lm_loss + w * case.out.mtp_loss
+    assert abs(case.out.loss.item() - expected.item()) <= 1e-6
+
+
+GRAD_PARAMS = ["mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight",
+               "mtp.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight",
+               "model.layers.0.linear_attn.in_proj_qkv.weight", "model.layers.0.linear_attn.A_log",
+               "model.norm.weight"]
+
+
+@pytest.mark.parametrize("name", [DENSE_CASE, MOE_CASE])
+def test_backward_reaches_mtp_and_backbone(name, tmp_path_factory):
+    """loss.backward() gives non-zero grads to MTP params and to backbone params (embedding, DeltaNet,
+    attention, final norm; routed experts for MoE); mtp_loss alone also reaches the backbone."""
+    c = get_case(name, tmp_path_factory)
+    model = load_checkpoint(c.path).requires_grad_(True)
+    params = dict(model.named_parameters())
+    attn = c.spec["layer_types"].index("full_attention")
+    names = GRAD_PARAMS + [f"model.layers.{attn}.self_attn.q_proj.weight", f"model.layers.{attn}.self_attn.k_norm.weight"]
+    names += ["model.layers.0.mlp.experts.gate_up_proj", "mtp.layers.0.mlp.experts.down_proj"] if c.spec["moe"] else []
+    out = model(c.ids, labels=c.labels)
+    out.loss.backward()
+    for n in names:
+        assert params[n].grad is not None and params[n].grad.abs().sum() > 0, f"no gradient reaches {n}"
+    model.zero_grad()
+    model(c.ids, labels=c.labels).mtp_loss.backward()
+    for n in ["model.layers.0.linear_attn.in_proj_qkv.weight", "mtp.fc.weight"]:
+        assert params[n].grad.abs().sum() > 0, f"mtp_loss does not reach {n}"
+
+
+@pytest.mark.parametrize("name", [DENSE_CASE, MOE_CASE])
+def test_grads_match_oracle(name, tmp_path_factory):
+    """Gradients of the total loss w.r.t. every parameter equal the oracle's (HF loss + w * MTP CE),
+    within GRAD_TOL."""
+    c = get_case(name, tmp_path_factory)
+    model = load_checkpoint(c.path).requires_grad_(True)
+    w = model.config.mtp_loss_weight
+    T = T_LONG
+    extra = dict(output_router_logits=False) if c.spec["moe"] else {}
+    c.hf.zero_grad()
+    c.mtp.zero_grad()
+    ref = c.hf(c.ids, labels=c.labels, output_hidden_states=True, **extra)
+    pos = torch.arange(T - 1)[None].expand(BATCH, -1)
+    mh = c.mtp.forward_layer(0, last_hidden_states=ref.hidden_states[-1][:, :-1], position_ids=pos,
+                             mtp_cache=None, input_ids=c.ids[:, 1:])
+    ref_mtp_loss = F.cross_entropy(c.hf.lm_head(mh)[:, :T - 2].flatten(0, 1), c.labels[:, 2:].flatten(),
+                                   ignore_index=-100)
+    (ref.loss + w * ref_mtp_loss).backward()
+    model(c.ids, labels=c.labels).loss.backward()
+    oracle = dict(c.hf.named_parameters())
+    oracle.update({mtp_key(n): p for n, p in c.mtp.named_parameters() if n.startswith("layers.")})
+    for n, p in model.named_parameters():
+        assert_close(p.grad, oracle[n].grad, f"{name} grad {n}", tol=GRAD_TOL)
+    c.hf.zero_grad()
+    c.mtp.zero_grad()
+
+
+# ==============================================================================================
+# 4. Chunked vs recurrent gated delta rule
+
+def delta_rule_inputs(B, T, H, dk, dv, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1) * dk ** -0.5
+    k = F.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1)
+    v = torch.randn(B, T, H, dv, generator=g)
+    # per-head decay rates from very slow to fast, log decay g <= 0
+    rate = torch.logspace(-3, 0, H)[None, None]
+    gate = -rate * F.softplus(torch.randn(B, T, H, generator=g))
+    beta = torch.rand(B, T, H, generator=g)
+    state = torch.randn(B, H, dk, dv, generator=g)
+    return q, k, v, gate, beta, state
+
+
+@pytest.mark.parametrize("T", [150, 37, 64])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("chunk_size", [64, 16])
+def test_chunked_matches_recurrent(T, with_state, chunk_size):
+    """The chunked delta rule equals the token-by-token recurrence (outputs and final state)."""
+    q, k, v, g, beta, state = delta_rule_inputs(2, T, 3, 16, 24, seed=T + chunk_size)
+    init = state if with_state else None
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init)
+    o, s = chunked_gated_delta_rule(q, k, v, g, beta, initial_state=init, chunk_size=chunk_size)
+    assert o.dtype == s.dtype == torch.float32
+    assert_close(o, o_ref, f"o (T={T}, chunk={chunk_size}, state={with_state})")
+    assert_close(s, s_ref, f"final state (T={T}, chunk={chunk_size}, state={with_state})")
+
+
+# ==============================================================================================
+# 5. Hidden states, layer by layer
+
+def hidden_state_params():
+    out = []
+    for name in (DENSE_CASE, MOE_CASE):
+        L = len(CASES[name]["layer_types"])
+        out += [pytest.param(name, i, id=f"{name}-" + ("embeddings" if i == 0 else f"layer{i - 1}"))
+                for i in range(L + 1)]
+    return out
+
+
+@pytest.mark.parametrize("name,index", hidden_state_params())
+def test_hidden_states_match_oracle(name, index, tmp_path_factory):
+    """hidden_states[0] = embeddings, [i] = output of layer i-1; the oracle's last entry is post-norm,
+    so the last layer is compared through our final norm (and against `.hidden`)."""
+    c = get_case(name, tmp_path_factory)
+    ours, theirs = c.out.hidden_states, c.ref.hidden_states
+    L = len(c.spec["layer_types"])
+    assert len(ours) == len(theirs) == L + 1
+    if index < L:
+        assert_close(ours[index], theirs[index], f"{name} hidden_states[{index}]")
+    else:
+        with torch.no_grad():
+            assert_close(c.model.model.norm(ours[L]), theirs[L], f"{name} final norm(last layer)")
+        assert_close(c.out.hidden, theirs[L], f"{name} .hidden")
+
+
+# ==============================================================================================
+# 6. Broken checkpoints and loader behaviour
+
+def corrupt(base, tmp_path, edit_tensors=None, edit_config=None):
+    """A copy of an official-layout checkpoint with its tensors and/or config edited."""
+    tensors, config = dict(base.tensors), json.loads(json.dumps(base.config))
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_config:
+        edit_config(config)
+    return write_checkpoint(tmp_path / "ckpt", tensors, config)
+
+
+LM = "model.language_model."
+
+
+def test_missing_tensor(official_dense, tmp_path):
+    """A deleted tensor is reported by name."""
+    path = corrupt(official_dense, tmp_path, lambda t: t.pop(LM + "layers.0.linear_attn.A_log"))
+    with pytest.raises(ValueError, match=r"missing.*layers\.0\.linear_attn\.A_log"):
+        load_checkpoint(path)
+
+
+def test_unexpected_key(official_dense, tmp_path):
+    """A tensor that feeds no parameter is reported by its key."""
+    def add(t):
+        t[LM + "layers.1.linear_attn.bogus.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"model\.language_model\.layers\.1\.linear_attn\.bogus\.weight"):
+        load_checkpoint(corrupt(official_dense, tmp_path, add))
+
+
+def test_wrong_shape(official_dense, tmp_path):
+    """A tensor of the wrong shape is reported with its key and both shapes."""
+    key = LM + "layers.3.self_attn.k_proj.weight"
+    def shrink(t):
+        t[key] = t[key][:32].clone()
+    with pytest.raises(ValueError, match=r"layers\.3\.self_attn\.k_proj\.weight.*\(32, 64\).*\(64, 64\)"):
+        load_checkpoint(corrupt(official_dense, tmp_path, shrink))
+
+
+def test_truncated_file(official_dense, tmp_path):
+    """A safetensors file cut in half is reported with the file's path."""
+    path = corrupt(official_dense, tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    data = open(file, "rb").read()
+    with open(file, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*(truncated|corrupt)"):
+        load_checkpoint(path)
+
+
+def test_truncated_shard(tmp_path, tmp_path_factory):
+    """In a sharded checkpoint the message names the broken shard."""
+    src = get_case("moe-tied-causallm-sharded", tmp_path_factory).path
+    path = shutil.copytree(src, tmp_path / "ckpt")
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        shard = os.path.join(path, sorted(set(json.load(f)["weight_map"].values()))[1])
+    data = open(shard, "rb").read()
+    with open(shard, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=os.path.basename(shard).replace(".", r"\.")):
+        load_checkpoint(path)
+
+
+def test_missing_config(official_dense, tmp_path):
+    """A directory without config.json says so."""
+    path = corrupt(official_dense, tmp_path)
+    os.remove(os.path.join(path, "config.json"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_checkpoint(path)
+
+
+def test_config_missing_field(official_dense, tmp_path):
+    """A config without a required field names the field."""
+    path = corrupt(official_dense, tmp_path, edit_config=lambda c: c["text_config"].pop("linear_num_value_heads"))
+    with pytest.raises(ValueError, match="linear_num_value_heads"):
+        load_checkpoint(path)
+
+
+def test_layer_types_wrong_length(official_dense, tmp_path):
+    """layer_types with a different length than num_hidden_layers is rejected with both numbers."""
+    path = corrupt(official_dense, tmp_path, edit_config=lambda c: c["text_config"]["layer_types"].pop())
+    with pytest.raises(ValueError, match=r"layer_types has 3 entries.*num_hidden_layers is 4"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_key_value_heads", 3, r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    ("linear_num_key_heads", 3, r"linear_num_value_heads=4 is not a multiple of linear_num_key_heads=3"),
+])
+def test_heads_do_not_divide(official_dense, tmp_path, field, value, message):
+    """Head counts that do not divide are rejected, naming both fields."""
+    def edit(c):
+        c["text_config"][field] = value
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(corrupt(official_dense, tmp_path, edit_config=edit))
+
+
+@pytest.mark.parametrize("name,key,message", [
+    ("moe-tied-causallm-sharded", "model.layers.1.mlp.experts.2.up_proj.weight",
+     r"missing expert tensors for model\.layers\.1\.mlp\.experts\.gate_up_proj.*2\.up_proj"),
+    ("moe-untied-official", "mtp.layers.0.mlp.experts.5.down_proj.weight",
+     r"missing expert tensors for mtp\.layers\.0\.mlp\.experts\.down_proj.*5\.down_proj"),
+])
+def test_missing_expert_tensor(name, key, message, tmp_path, tmp_path_factory):
+    """A per-expert layout with one expert tensor missing names the fused parameter and the expert part."""
+    c = get_case(name, tmp_path_factory)
+    tensors = all_tensors(c.path)
+    assert key in tensors
+    del tensors[key]
+    config = c.config if c.config is not None else json.load(open(os.path.join(c.path, "config.json")))
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(write_checkpoint(tmp_path / "ckpt", tensors, config))
+
+
+def test_nonexistent_path(tmp_path):
+    """A path that does not exist is reported by name."""
+    missing = str(tmp_path / "no-such-checkpoint")
+    with pytest.raises(FileNotFoundError, match="no-such-checkpoint"):
+        load_checkpoint(missing)
+
+
+def test_tied_head_that_differs(official_dense, tmp_path):
+    """A tied config with an lm_head.weight that is not the embedding is rejected."""
+    def add(t):
+        t["lm_head.weight"] = t[LM + "embed_tokens.weight"] + 1
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        load_checkpoint(corrupt(official_dense, tmp_path, add))
+
+
+def test_checkpoint_without_mtp(official_dense, tmp_path):
+    """Without any mtp.* tensor the model has no MTP head, gives no MTP logits, and still matches the oracle."""
+    def drop(t):
+        for k in [k for k in t if k.startswith("mtp.")]:
+            del t[k]
+    model = load_checkpoint(corrupt(official_dense, tmp_path, drop))
+    assert model.mtp is None
+    with torch.no_grad():
+        out = model(official_dense.ids, labels=official_dense.labels)
+    assert out.mtp_logits is None and out.mtp_loss is None
+    assert_close(out.logits, official_dense.ref.logits, "logits without MTP head")
+    assert_close(out.loss, official_dense.ref.loss, "loss without MTP head = lm_loss")
+
+
+def test_dtype_kept_or_cast(official_dense, tmp_path):
+    """dtype=None keeps a bf16 checkpoint in bf16; dtype=torch.float32 casts every parameter."""
+    path = write_checkpoint(tmp_path / "bf16", official_dense.tensors, official_dense.config, dtype=torch.bfloat16)
+    kept = load_checkpoint(path)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    cast = load_checkpoint(path, dtype=torch.float32)
+    assert {p.dtype for p in cast.parameters()} == {torch.float32}
+    ref = official_dense.tensors[LM + "layers.0.linear_attn.in_proj_qkv.weight"]
+    assert torch.equal(cast.model.layers[0].linear_attn.in_proj_qkv.weight, ref.to(torch.bfloat16).float())
+    with torch.no_grad():
+        out = kept(official_dense.ids[:, :20])
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+    assert not any(t.is_meta for t in list(kept.parameters()) + list(kept.buffers()))
+
+
+def test_no_meta_tensors_after_loading(case):
+    """Every parameter and buffer is materialised (nothing left on the meta device)."""
+    tensors = list(case.model.named_parameters()) + list(case.model.named_buffers())
+    assert tensors and not [n for n, t in tensors if t.is_meta]
+    assert not any(p.requires_grad for p in case.model.parameters())
+
+
+# ==============================================================================================
+# 7. Config parsing of the real configs (fields copied from the published config.json files)
+
+def official_text(n_layers, **sizes):
+    """Fields shared by all published Qwen3.5 text configs, plus the per-size ones."""
+    return dict(attention_bias=False, attn_output_gate=True, eos_token_id=248044, full_attention_interval=4,
+                head_dim=256, hidden_act="silu", linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                linear_num_key_heads=16, linear_value_head_dim=128, mlp_only_layers=[], mtp_num_hidden_layers=1,
+                mtp_use_dedicated_embeddings=False, rms_norm_eps=1e-06, vocab_size=248320,
+                num_hidden_layers=n_layers,
+                layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (n_layers // 4),
+                rope_parameters=dict(mrope_interleaved=True, mrope_section=[11, 11, 10], rope_type="default",
+                                     rope_theta=10000000, partial_rotary_factor=0.25), **sizes)
+
+
+REAL_CONFIGS = {
+    "Qwen3.5-0.8B": {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+                     "tie_word_embeddings": True,
+                     "text_config": official_text(24, model_type="qwen3_5_text", hidden_size=1024,
+                                                  intermediate_size=3584, linear_num_value_heads=16,
+                                                  num_attention_heads=8, num_key_value_heads=2)},
+    "Qwen3.5-27B": {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+                    "tie_word_embeddings": False,
+                    "text_config": official_text(64, model_type="qwen3_5_text", hidden_size=5120,
+                                                 intermediate_size=17408, linear_num_value_heads=48,
+                                                 num_attention_heads=24, num_key_value_heads=4)},
+    "Qwen3.5-35B-A3B": {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+                        "tie_word_embeddings": False,
+                        "text_config": official_text(40, model_type="qwen3_5_moe_text", hidden_size=2048,
+                                                     linear_num_value_heads=32, num_attention_heads=16,
+                                                     num_key_value_heads=2, moe_intermediate_size=512,
+                                                     num_experts=256, num_experts_per_tok=8,
+                                                     router_aux_loss_coef=0.001,
+                                                     shared_expert_intermediate_size=512)},
+}
+EXPECTED = {  # hidden, layers, heads, kv, Hv, tie, experts, top-k, dense I
+    "Qwen3.5-0.8B": (1024, 24, 8, 2, 16, True, 0, 0, 3584),
+    "Qwen3.5-27B": (5120, 64, 24, 4, 48, False, 0, 0, 17408),
+    "Qwen3.5-35B-A3B": (2048, 40, 16, 2, 32, False, 256, 8, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_from_hf_real_configs(name):
+    """The published configs parse to the published sizes."""
+    c = Qwen35Config.from_hf(REAL_CONFIGS[name])
+    hidden, layers, heads, kv, hv, tie, experts, topk, inter = EXPECTED[name]
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.linear_num_value_heads) == (hidden, layers, heads, kv, hv)
+    assert c.tie_word_embeddings is tie
+    assert c.is_moe == (experts > 0) and (c.num_experts, c.num_experts_per_tok) == (experts, topk)
+    assert c.intermediate_size == inter
+    if c.is_moe:
+        assert (c.moe_intermediate_size, c.shared_expert_intermediate_size) == (512, 512)
+    assert c.layer_types[3] == "full_attention" and c.layer_types[:3] == ["linear_attention"] * 3
+    assert c.layer_types.count("full_attention") == layers // 4
+    assert c.rotary_dim == 64 and c.head_dim == 256 and c.rope_theta == 1e7
+    assert (c.linear_num_key_heads, c.linear_key_head_dim, c.linear_value_head_dim) == (16, 128, 128)
+    assert c.vocab_size == 248320 and c.eos_token_id == 248044 and c.mtp_num_hidden_layers == 1
+
+
+def test_from_hf_full_attention_interval_only():
+    """Without layer_types, full_attention_interval=4 gives the same layer types."""
+    d = json.loads(json.dumps(REAL_CONFIGS["Qwen3.5-27B"]))
+    expected = d["text_config"].pop("layer_types")
+    assert Qwen35Config.from_hf(d).layer_types == expected
+
+
+def test_from_hf_flat_text_config():
+    """A flat text config (a CausalLM re-save) parses like the nested one; its own tie flag counts."""
+    nested = REAL_CONFIGS["Qwen3.5-0.8B"]
+    flat = {**nested["text_config"], "tie_word_embeddings": True}
+    assert Qwen35Config.from_hf(flat) == Qwen35Config.from_hf(nested)
+
+
+# ==============================================================================================
+# 8. Generation: cached steps, greedy parity, speculative decoding, rollback, bad input
+
+def tiny_model(moe=False, vocab_size=128, seed=0, **overrides):
+    """A random tiny model built directly (no checkpoint), with non-trivial norm weights."""
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                 linear_key_head_dim=16, linear_value_head_dim=24)
+    sizes.update(dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48) if moe else dict(intermediate_size=96))
+    sizes.update(overrides)
+    model = Qwen35(Qwen35Config(**sizes)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def agreeing_model(moe=False):
+    """A model whose MTP head provably agrees with it: every block's output projection is zero, so
+    the main model predicts token t+1 from token t alone (logits = lm_head(norm(embed(x_t)))); the
+    MTP fc passes the embedding half through, so the head predicts token t+2 from token t+1 with the
+    very same function. Every greedy draft, chained or not, is then the main model's own choice."""
+    model = tiny_model(moe)
+    H = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "experts.down_proj")):
+                p.zero_()
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.zero_()
+        model.mtp.fc.weight.zero_()
+        model.mtp.fc.weight[:, :H] = torch.eye(H)
+    return model
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_cached_steps_match_full_forward(moe):
+    """Prefill (chunked rule), a second chunked step, short multi-token steps and single tokens
+    (recurrent rule): every cached step's logits equal the uncached forward at those positions."""
+    model = tiny_model(moe)
+    ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = Cache(model.config.layer_types)
+        steps = [(0, 60), (60, 100), (100, 104), (104, 107)] + [(t, t + 1) for t in range(107, 150)]
+        got = torch.cat([model.lm_head(model.model(ids[:, a:b], None, cache)) for a, b in steps], dim=1)
+    assert (got - full).abs().max() <= 1e-5
+
+
+def test_greedy_generate_matches_transformers(tmp_path_factory):
+    """Greedy tokens equal transformers' generate(do_sample=False), also for a left-padded batch."""
+    case = get_case(DENSE_CASE, tmp_path_factory)
+    hf, model = case.hf, case.model
+    ids = torch.randint(1, 128, (2, 30), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :7], ids[1, :7] = 0, 0
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    ours, stats = model.generate(ids, 40, attention_mask=mask)
+    assert torch.equal(ours, expected)
+    assert stats["main_forwards"] == 39
+    alone, _ = model.generate(ids[1:, 7:], 40)               # the padded row, decoded alone
+    assert torch.equal(alone[:, 23:], ours[1:, 30:])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_speculative_greedy_mostly_rejected(moe, k):
+    """Random weights: the drafts are almost always wrong, and the output is still exactly greedy."""
+    model = tiny_model(moe)
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    plain, _ = model.generate(prompt, 40)
+    spec, stats = model.generate(prompt, 40, draft_tokens=k)
+    assert torch.equal(spec, plain)
+    assert stats["accepted"] <= 0.2 * stats["drafted"]
+    # every verification forward yields its accepted drafts plus one token; the prefill one more
+    assert 40 == 1 + stats["main_forwards"] + stats["accepted"]
+    assert stats["drafted"] == sum(stats["drafted_at"]) and stats["accepted"] == sum(stats["accepted_at"])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_speculative_greedy_all_accepted(moe, k):
+    """A head that agrees with the model: every draft is accepted, so 40 tokens take
+    ceil(39 / (k+1)) verification forwards, each drafting min(k, tokens still needed - 1)."""
+    model = agreeing_model(moe)
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(4))
+    plain, _ = model.generate(prompt, 40)
+    spec, stats = model.generate(prompt, 40, draft_tokens=k)
+    assert torch.equal(spec, plain)
+    rounds = -(-39 // (k + 1))
+    assert stats["main_forwards"] == rounds
+    assert stats["accepted"] == stats["drafted"] == 39 - rounds
+    assert stats["accepted_at"] == stats["drafted_at"]
+
+
+def test_rollback_restores_cache_exactly():
+    """Feeding 4 tokens then dropping the last 2 leaves every layer's cache (KV, DeltaNet conv window
+    and state) as if only the first 2 had been fed, and decoding continues identically."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        rolled, direct = Cache(model.config.layer_types), Cache(model.config.layer_types)
+        model.model(ids[:, :24], None, rolled)
+        model.model(ids[:, :24], None, direct)
+        model.model(ids[:, 24:28], None, rolled)
+        rolled.crop(26)
+        model.model(ids[:, 24:26], None, direct)
+        for a, b in zip(rolled.layers, direct.layers):
+            pairs = [(a.k, b.k), (a.v, b.v)] if isinstance(a, KVCache) else [(a.conv, b.conv), (a.state, b.state)]
+            for x, y in pairs:
+                assert x.shape == y.shape and (x - y).abs().max() <= 1e-6
+        assert torch.equal(rolled.valid, direct.valid)
+        after_rolled = model.lm_head(model.model(ids[:, 26:30], None, rolled))
+        after_direct = model.lm_head(model.model(ids[:, 26:30], None, direct))
+    assert (after_rolled - after_direct).abs().max() <= 1e-5
+
+
+def chi2_critical(dof, alpha):
+    """x with P(chi2_dof > x) = alpha, by bisection on the regularised incomplete gamma function."""
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        tail = 1 - torch.special.gammainc(torch.tensor(dof / 2, dtype=torch.float64),
+                                          torch.tensor(mid / 2, dtype=torch.float64)).item()
+        lo, hi = (mid, hi) if tail > alpha else (lo, mid)
+    return lo
+
+
+def chi2_statistic(counts, probs):
+    expected = probs * counts.sum()
+    return ((counts - expected) ** 2 / expected).sum().item()
+
+
+def test_verify_drafts_sampling_rule_preserves_target():
+    """The acceptance rule alone: with drafts drawn from q, the first emitted token follows p exactly
+    (chi-square goodness of fit, false-alarm rate 1e-3), though q differs from p a lot."""
+    V, n, N = 6, 2, 20000
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(n + 1, V, generator=gen) * 1.5
+    q = torch.softmax(torch.randn(n, V, generator=gen) * 1.5, dim=-1)
+    p = torch.softmax(logits, dim=-1)
+    assert (p[0] - q[0]).abs().sum() / 2 > 0.2                  # the test has power
+    counts = torch.zeros(V, dtype=torch.float64)
+    for _ in range(N):
+        drafts = [torch.multinomial(q[i], 1, generator=gen) for i in range(n)]
+        accepted, token = verify_drafts([d[0] for d in drafts], list(q), logits, 1.0, 1.0, gen)
+        counts[drafts[0] if accepted > 0 else token] += 1
+    assert chi2_statistic(counts, p[0].double()) < chi2_critical(V - 1, 1e-3)
+
+
+def test_speculative_sampling_preserves_distribution():
+    """End to end, vocabulary 8, temperature 1, k = 2: the 2nd and 3rd generated tokens (the first
+    ones that can come from drafts) follow the model's exact distribution, with and without drafting
+    (chi-square goodness of fit per token, false-alarm rate 1e-3 each; fixed seeds)."""
+    V = 8
+    model = tiny_model(vocab_size=V, seed=7)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)                              # sharpen: a far-from-uniform target
+    prompt = torch.tensor([[1, 5, 2, 7, 3]])
+    # exact P(x2, x3) = sum over x1 of p(x1) p(x2 | x1) p(x3 | x1, x2), by enumerating all V^3 paths
+    paths = torch.cartesian_prod(*[torch.arange(V)] * 3)           # [V^3, 3]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.cat([prompt.expand(len(paths), -1), paths], 1)).logits, -1)
+    steps = logp[:, 4:7].gather(-1, paths[:, :, None])[..., 0]      # log p of each path's tokens
+    joint = steps.sum(1).exp().view(V, V, V).sum(0)                  # [x2, x3]
+    N = 1000
+    plain, _ = model.generate(prompt.expand(N, -1), 3, temperature=1.0,
+                              generator=torch.Generator().manual_seed(8))
+    gen = torch.Generator().manual_seed(9)
+    spec = torch.cat([model.generate(prompt, 3, temperature=1.0, draft_tokens=2, generator=gen)[0]
+                      for _ in range(N)])
+    _, stats = model.generate(prompt, 3, temperature=1.0, draft_tokens=2, generator=gen)
+    assert stats["drafted"] == 1                                     # the 2nd token came from a draft round
+    critical = chi2_critical(V - 1, 1e-3)
+    for samples in (plain, spec):
+        for position, marginal in ((6, joint.sum(1)), (7, joint.sum(0))):
+            counts = torch.bincount(samples[:, position], minlength=V).double()
+            assert chi2_statistic(counts, marginal.double()) < critical
+
+
+def test_generate_rejects_bad_input():
+    model, no_mtp = tiny_model(), tiny_model(mtp_num_hidden_layers=0)
+    prompt = torch.tensor([[1, 2, 3]])
+    cases = [
+        (model, dict(input_ids=torch.tensor([[1, 128]]), max_new_tokens=4), "token ids must lie in"),
+        (model, dict(input_ids=torch.tensor([[-1, 3]]), max_new_tokens=4), "token ids must lie in"),
+        (model, dict(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4), "non-empty"),
+        (model, dict(input_ids=prompt, max_new_tokens=-1), "must be >= 0"),
+        (model, dict(input_ids=prompt, max_new_tokens=4, draft_tokens=-2), "must be >= 0"),
+        (no_mtp, dict(input_ids=prompt, max_new_tokens=4, draft_tokens=1), "needs an MTP head"),
+        (model, dict(input_ids=prompt.expand(2, -1), max_new_tokens=4, draft_tokens=1), "batch size 1"),
+        (model, dict(input_ids=prompt, max_new_tokens=4, temperature=-1.0), "temperature"),
+    ]
+    for m, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            m.generate(**kwargs)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_eos_and_streaming(k):
+    """Decoding stops right after the first EOS, with or without drafts, and `stream` receives
+    exactly the new tokens, in order."""
+    model = agreeing_model()
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(10))
+    full, _ = model.generate(prompt, 40)
+    eos = full[0, 30].item()
+    stop = 20 + int((full[0, 20:] == eos).nonzero()[0]) + 1
+    streamed = []
+    ids, _ = model.generate(prompt, 40, draft_tokens=k, eos_token_id=eos, stream=streamed.append)
+    assert torch.equal(ids, full[:, :stop])
+    assert torch.equal(torch.cat(streamed, dim=1), ids[:, 20:])
+
+
+def test_eos_in_a_batch_pads_finished_rows():
+    """A row that has finished keeps emitting its EOS while the others go on."""
+    model = tiny_model()
+    prompts = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(11))
+    free, _ = model.generate(prompts, 20)
+    eos = free[0, 15].item()                                   # row 0 emits it early
+    ids, _ = model.generate(prompts, 20, eos_token_id=eos)
+    stop = 12 + int((free[0, 12:] == eos).nonzero()[0]) + 1
+    assert torch.equal(ids[0, :stop], free[0, :stop]) and (ids[0, stop:] == eos).all()
+    row1_stop = 12 + int((free[1, 12:] == eos).nonzero()[0]) + 1 if (free[1, 12:] == eos).any() else 32
+    assert torch.equal(ids[1, :row1_stop], free[1, :row1_stop])
