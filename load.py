@@ -14,16 +14,26 @@ Module names mirror checkpoint keys, so loading is a prefix strip plus one table
 
 The loader is strict: every parameter is loaded exactly once, every tensor in the files is used or
 deliberately skipped, shapes must match, and nothing is left randomly initialised.
+
+From the command line (see main at the end):
+
+    python load.py Qwen3.5-0.8B/ --prompt "The capital of France is" --draft-tokens 2
+    python load.py Qwen3.5-0.8B/ --info        # what the checkpoint holds, without loading weights
 """
 
+import argparse
 import json
 import os
 import re
+import sys
+import time
+from collections import Counter
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 
 from qwen35_mtp import Qwen35, Qwen35Config
 
@@ -190,3 +200,147 @@ def fill_expert(expected, loaded, fused_filled, match, tensor, key, file, unexpe
         raise ValueError(f"{file}: tensor {key} was already loaded")
     target.copy_(tensor.to(target.dtype))
     fused_filled[fused][f"{e}.{part}"] = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: generate text from a prompt (optionally with MTP drafts), or describe a checkpoint
+
+def describe(path):
+    """What a checkpoint holds, from config.json and the safetensors headers only (no weights read)."""
+    c = read_config(path)
+    files = checkpoint_files(path)
+    numel, dtypes = {}, Counter()
+    for file in files:
+        with open_safetensors(file, "cpu") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                numel[key] = torch.Size(tensor.get_shape()).numel()
+                dtypes[tensor.get_dtype()] += 1
+    skipped = [k for k in numel if model_name(k) is None]
+    mtp = [k for k in numel if k.startswith("mtp.")]
+    # a tied lm_head, if stored at all, is the embedding again (the loader checks that): count it once
+    main = [k for k in numel if model_name(k) is not None and k not in mtp
+            and not (k == "lm_head.weight" and c.tie_word_embeddings)]
+    mtp_layers = {m.group(1) for k in mtp if (m := re.match(r"^mtp\.layers\.(\d+)\.", k))}
+    full = [str(i) for i, t in enumerate(c.layer_types) if t == "full_attention"]
+    params = lambda keys: sum(numel[k] for k in keys)
+    return "\n".join([
+        f"checkpoint: {path}, {len(files)} file(s), {len(numel)} tensors, dtypes "
+        + ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common()),
+        f"hidden size: {c.hidden_size}, vocab: {c.vocab_size:,}, "
+        f"lm_head {'tied to the embeddings' if c.tie_word_embeddings else 'untied'}",
+        f"{c.num_hidden_layers} layers: {c.num_hidden_layers - len(full)} linear_attention (Gated DeltaNet) "
+        f"+ {len(full)} full_attention, full attention at {', '.join(full) or 'none'}",
+        f"full attention: {c.num_attention_heads} query heads, {c.num_key_value_heads} key/value heads, "
+        f"head_dim {c.head_dim} (rotary on {c.rotary_dim})",
+        f"Gated DeltaNet: {c.linear_num_key_heads} key heads, {c.linear_num_value_heads} value heads, "
+        f"dk {c.linear_key_head_dim}, dv {c.linear_value_head_dim}",
+        f"MLP: MoE, {c.num_experts} experts, top-{c.num_experts_per_tok}, expert width "
+        f"{c.moe_intermediate_size}, shared expert width {c.shared_expert_intermediate_size}" if c.is_moe
+        else f"MLP: dense SwiGLU, width {c.intermediate_size}",
+        f"MTP head: {len(mtp_layers)} layer(s), {count(params(mtp))} parameters" if mtp
+        else f"MTP head: none (no mtp.* tensors; config.json says {c.mtp_num_hidden_layers} layer(s))",
+        f"parameters: main model {count(params(main))}, MTP head {count(params(mtp))}",
+        f"skipped: {len(skipped)} tensors" + (" (model.visual.*: the vision tower)" if skipped else ""),
+    ])
+
+
+def count(n):
+    return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f}M)"
+
+
+def prompt_codec(path, prompt, vocab_size):
+    """The prompt's token ids and a decode(ids) -> str: the checkpoint's own tokenizer.json, or raw UTF-8
+    bytes for a byte-level checkpoint (vocab 256, no tokenizer.json: the one `python qwen35_mtp.py` writes)."""
+    file = os.path.join(path, "tokenizer.json")
+    if os.path.exists(file):
+        try:
+            tokenizer = Tokenizer.from_file(file)
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read the tokenizer: {e}") from e
+        encode = lambda text: tokenizer.encode(text).ids
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+    elif vocab_size == 256:
+        encode = lambda text: list(text.encode("utf-8"))
+        decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
+    else:
+        raise ValueError(f"{path} has no tokenizer.json (only byte-level checkpoints, vocab 256, go without)")
+    try:
+        ids = encode(prompt)
+    except Exception as e:                  # e.g. a word-level tokenizer without an unknown token
+        raise ValueError(f"the tokenizer cannot encode the prompt {prompt!r}: {e}") from e
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+    if outside := sorted({i for i in ids if not 0 <= i < vocab_size}):
+        raise ValueError(f"the prompt {prompt!r} encodes to token ids outside the model's vocabulary "
+                         f"[0, {vocab_size}): {outside}")
+    if (back := decode(ids)) != prompt:
+        raise ValueError(f"the prompt {prompt!r} does not survive encoding: it decodes back as {back!r}")
+    return ids, decode
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate text with a Qwen3.5 checkpoint, optionally "
+                                     "drafting with its MTP head, or describe what the checkpoint holds.")
+    parser.add_argument("checkpoint", help="directory with config.json and safetensors file(s)")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--prompt", help="text to continue")
+    task.add_argument("--info", action="store_true", help="describe the checkpoint without loading weights")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--draft-tokens", type=int, default=0, help="k MTP drafts per step (0 = plain)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="auto = as stored")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+    args = parser.parse_args(argv)
+    fail = lambda e: parser.exit(2, f"{parser.prog}: error: {e}\n")   # one line, no traceback
+    if args.max_new_tokens < 0:
+        fail(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+
+    try:
+        if args.info:
+            print(describe(args.checkpoint))
+            return
+        vocab_size = read_config(args.checkpoint).vocab_size      # check the prompt before loading weights
+        ids, decode = prompt_codec(args.checkpoint, args.prompt, vocab_size)
+        model = load_checkpoint(args.checkpoint, None if args.dtype == "auto" else getattr(torch, args.dtype),
+                                args.device)
+        prompt = torch.tensor([ids], device=args.device)
+        options = dict(temperature=args.temperature, top_p=args.top_p, draft_tokens=args.draft_tokens,
+                       eos_token_id=model.config.eos_token_id,
+                       generator=None if args.seed is None else
+                       torch.Generator(args.device).manual_seed(args.seed))
+        model.generate(prompt, 0, **options)    # checks the options (drafts need an MTP head), decodes nothing
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+
+    # Stream: decode the prompt and ALL generated ids each time and print what is new, so that BPE merges
+    # and characters split over several tokens come out right (the prompt decodes back to itself, checked
+    # above, so the text starts with it); a trailing U+FFFD (an incomplete character) waits.
+    generated, shown = [], args.prompt
+    def stream(tokens):
+        nonlocal shown
+        generated.extend(tokens[0].tolist())
+        text = decode(ids + generated).rstrip("\ufffd")
+        if text.startswith(shown):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    print(args.prompt, end="", flush=True)
+    start = time.time()
+    _, stats = model.generate(prompt, args.max_new_tokens, stream=stream, **options)
+    seconds = max(time.time() - start, 1e-9)
+    print(decode(ids + generated)[len(shown):], flush=True)
+    summary = f"{len(generated)} new tokens in {seconds:.2f} s, {len(generated) / seconds:.1f} tokens/s"
+    if args.draft_tokens:
+        rate = stats["accepted"] / max(stats["drafted"], 1)
+        per_position = " ".join(f"{a / max(d, 1):.2f}" for a, d in zip(stats["accepted_at"], stats["drafted_at"]))
+        summary += (f"; MTP drafts: {stats['drafted']} drafted, {stats['accepted']} accepted ({rate:.0%}), "
+                    f"acceptance per draft position {per_position}")
+    print(summary, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ checkpoints in the layouts real checkpoints use, loads them with `load_checkpoin
     6. broken checkpoints and loader behaviour
     7. config parsing of the real configs
     8. generation: cached steps, greedy parity, speculative decoding, rollback, bad input
+    9. command line (load.py)           generation and streaming, --info, error messages
 
     cd /work/main && .venv/bin/python -m pytest test_mtp.py -x -q
 """
@@ -20,20 +21,23 @@ checkpoints in the layouts real checkpoints use, loads them with `load_checkpoin
 import json
 import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
                           Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeTextConfig,
                           Qwen3_5TextConfig)
 from transformers.modeling_layers import MtpModel
 
-from load import load_checkpoint
-from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, RMSNorm, chunked_gated_delta_rule,
-                        recurrent_gated_delta_rule, verify_drafts)
+from load import load_checkpoint, prompt_codec
+from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, RMSNorm, chunked_gated_delta_rule, demo_config,
+                        recurrent_gated_delta_rule, save_checkpoint, verify_drafts)
 
 # ==============================================================================================
 # 0. Shared helpers and fixtures
@@ -977,3 +981,159 @@ def test_eos_in_a_batch_pads_finished_rows():
     assert torch.equal(ids[0, :stop], free[0, :stop]) and (ids[0, stop:] == eos).all()
     row1_stop = 12 + int((free[1, 12:] == eos).nonzero()[0]) + 1 if (free[1, 12:] == eos).any() else 32
     assert torch.equal(ids[1, :row1_stop], free[1, :row1_stop])
+
+
+# ==============================================================================================
+# 9. Command line (load.py)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "home"]
+
+
+def start_cli(*args):
+    """Start `python load.py ARGS` in a subprocess. One thread: these models are tiny, and on a busy
+    machine several threads per process make them crawl."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.Popen([sys.executable, "load.py", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env)
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_cli(*args):
+    return finish(start_cli(*args))
+
+
+def write_word_tokenizer(path, vocab_size=128):
+    """A word-level tokenizer.json: WORDS, then filler words w10, w11, ... up to the model's vocabulary,
+    so every id decodes; plus "huge", id 200, outside it. No unknown token: other words cannot encode."""
+    vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(len(WORDS), vocab_size)])}
+    vocab["huge"] = 200
+    tokenizer = Tokenizer(models.WordLevel(vocab))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece()              # joins words with spaces
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    return Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def word_checkpoint(tmp_path_factory):
+    """A random tiny model (vocab 128, MTP head) saved as a checkpoint, with a word-level tokenizer."""
+    path = str(tmp_path_factory.mktemp("cli-words"))
+    save_checkpoint(tiny_model(), path)
+    return SimpleNamespace(path=path, tokenizer=write_word_tokenizer(path), model=load_checkpoint(path))
+
+
+@pytest.fixture(scope="module")
+def byte_checkpoint(tmp_path_factory):
+    """The byte-level demo checkpoint (vocab 256, no tokenizer.json), as `python qwen35_mtp.py` writes it."""
+    path = str(tmp_path_factory.mktemp("cli-bytes"))
+    torch.manual_seed(0)
+    model = Qwen35(demo_config("tiny")).eval()
+    save_checkpoint(model, path)
+    return SimpleNamespace(path=path, model=model)
+
+
+def test_cli_streams_what_generate_returns(word_checkpoint):
+    """Greedy, plain and with 2 MTP drafts per step (run side by side): both print the tokenizer's
+    decoding of the ids that generate returns in-process for the same prompt; the drafting run adds
+    its drafted and accepted counts and the acceptance per draft position to the summary."""
+    prompt, tokenizer = "the cat sat on", word_checkpoint.tokenizer
+    plain, drafting = [start_cli(word_checkpoint.path, "--prompt", prompt, "--max-new-tokens", 12,
+                                 "--draft-tokens", k) for k in (0, 2)]
+    plain, drafting = finish(plain), finish(drafting)
+    assert plain.returncode == 0 and drafting.returncode == 0, plain.stderr + drafting.stderr
+    ids, _ = word_checkpoint.model.generate(torch.tensor([tokenizer.encode(prompt).ids]), 12)
+    assert plain.stdout == drafting.stdout == tokenizer.decode(ids[0].tolist()) + "\n"
+    assert plain.stdout.startswith(prompt + " ") and len(plain.stdout.split()) == 4 + 12
+    assert "12 new tokens in " in plain.stderr and " tokens/s" in plain.stderr and "drafted" not in plain.stderr
+    _, stats = word_checkpoint.model.generate(torch.tensor([tokenizer.encode(prompt).ids]), 12, draft_tokens=2)
+    per_position = " ".join(f"{a / d:.2f}" for a, d in zip(stats["accepted_at"], stats["drafted_at"]))
+    assert f"MTP drafts: {stats['drafted']} drafted, {stats['accepted']} accepted" in drafting.stderr
+    assert f"acceptance per draft position {per_position}" in drafting.stderr and stats["drafted"] > 0
+
+
+def test_cli_byte_checkpoint_samples_like_generate(byte_checkpoint):
+    """Byte-level checkpoint: the prompt goes in as UTF-8 bytes (multi-byte characters included), and
+    sampling with --seed, --top-p and MTP drafts prints what generate gives in-process with that seed."""
+    prompt = "def héllo(): return '€'"
+    result = run_cli(byte_checkpoint.path, "--prompt", prompt, "--max-new-tokens", 24, "--temperature", 0.8,
+                     "--top-p", 0.9, "--draft-tokens", 2, "--seed", 3)
+    assert result.returncode == 0, result.stderr
+    ids, _ = byte_checkpoint.model.generate(torch.tensor([list(prompt.encode())]), 24, temperature=0.8,
+                                            top_p=0.9, draft_tokens=2, generator=torch.Generator().manual_seed(3))
+    expected = bytes(ids[0].tolist()).decode("utf-8", errors="replace") + "\n"
+    assert result.stdout == expected.replace("\r\n", "\n").replace("\r", "\n")   # text mode reads \r as \n
+    assert "24 new tokens" in result.stderr and "drafted" in result.stderr
+
+
+def test_cli_info_byte_checkpoint(byte_checkpoint):
+    """--info names the layer pattern, the MTP head and the true parameter counts (tied head counted once)."""
+    result = run_cli(byte_checkpoint.path, "--info")
+    assert result.returncode == 0, result.stderr
+    model = byte_checkpoint.model
+    main = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("mtp."))
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    for line in ["4 layers: 3 linear_attention (Gated DeltaNet) + 1 full_attention, full attention at 3",
+                 "hidden size: 128, vocab: 256, lm_head tied to the embeddings", "MLP: dense SwiGLU, width 384",
+                 f"MTP head: 1 layer(s), {mtp:,} ", f"parameters: main model {main:,} ", f"MTP head {mtp:,} ",
+                 f"1 file(s), {len(model.state_dict()) - 1} tensors, dtypes F32", "skipped: 0 tensors"]:
+        assert line in result.stdout, line
+
+
+def test_cli_info_official_moe(tmp_path_factory):
+    """--info on the official MoE layout: experts and top-k, untied head, the skipped vision tower, and
+    parameter counts equal to the loaded model's (per-expert MTP tensors add up to the fused ones)."""
+    case = get_case(MOE_CASE, tmp_path_factory)
+    result = run_cli(case.path, "--info")
+    assert result.returncode == 0, result.stderr
+    main = sum(p.numel() for name, p in case.model.named_parameters() if not name.startswith("mtp."))
+    mtp = sum(p.numel() for p in case.model.mtp.parameters())
+    for line in ["MLP: MoE, 6 experts, top-2, expert width 32, shared expert width 48", "lm_head untied",
+                 "4 layers: 3 linear_attention (Gated DeltaNet) + 1 full_attention, full attention at 3",
+                 f"parameters: main model {main:,} ", f"MTP head {mtp:,} ", "MTP head: 1 layer(s)",
+                 "skipped: 3 tensors (model.visual.*"]:
+        assert line in result.stdout, line
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("the zebra sat", "the tokenizer cannot encode the prompt 'the zebra sat': WordLevel error"),
+    ("", "the prompt '' encodes to no tokens"),
+    ("the huge cat", "the prompt 'the huge cat' encodes to token ids outside the model's vocabulary [0, 128): [200]"),
+    ("the  cat", "the prompt 'the  cat' does not survive encoding: it decodes back as 'the cat'"),
+], ids=["unknown word", "empty", "id outside vocab", "no round trip"])
+def test_prompt_the_tokenizer_cannot_encode(word_checkpoint, prompt, message):
+    """Each way a prompt can fail to tokenise is named, with the prompt (the CLI prints this message)."""
+    with pytest.raises(ValueError) as error:
+        prompt_codec(word_checkpoint.path, prompt, 128)
+    assert message in str(error.value)
+
+
+def test_prompt_needs_a_tokenizer_unless_byte_level(byte_checkpoint):
+    """Without tokenizer.json only a 256-token vocabulary is read as bytes."""
+    assert prompt_codec(byte_checkpoint.path, "é", 256)[0] == [0xC3, 0xA9]
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        prompt_codec(byte_checkpoint.path, "hi", 128)
+
+
+def test_cli_errors(word_checkpoint, tmp_path):
+    """A wrong path, drafts without an MTP head, a prompt that cannot be encoded: one line on stderr,
+    exit status 2, no traceback. Neither --prompt nor --info: argparse's usage error, also status 2.
+    The runs go in parallel: each is mostly Python and torch starting up."""
+    save_checkpoint(Qwen35(demo_config("tiny", mtp_num_hidden_layers=0)), tmp_path / "no-mtp")
+    cases = [
+        ([tmp_path / "no-such-checkpoint", "--prompt", "hi"], "no-such-checkpoint/config.json not found"),
+        ([tmp_path / "no-mtp", "--prompt", "def", "--draft-tokens", 2], "draft_tokens > 0 needs an MTP head"),
+        ([word_checkpoint.path, "--prompt", "the zebra"], "cannot encode the prompt 'the zebra'"),
+        ([word_checkpoint.path], "one of the arguments --prompt --info is required"),
+    ]
+    processes = [start_cli(*args) for args, _ in cases]
+    for process, (args, message) in zip(processes, cases):
+        result = finish(process)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and not result.stdout
+        if "--prompt" in args:                                 # ours: exactly one line
+            assert result.stderr.startswith("load.py: error: ") and result.stderr.count("\n") == 1
