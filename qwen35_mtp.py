@@ -303,12 +303,14 @@ def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size=64
         o_i   = e^(G_i) S_0^T q_i + sum_{j<=i} e^(G_i-G_j) (q_i.k_j) u_j
         S_end = e^(G_C) S_0 + sum_j e^(G_C-G_j) k_j u_j^T
     Only the last line runs sequentially across chunks."""
-    q, k, v, g, beta = (t.float().transpose(1, 2) for t in (q, k, v, g, beta))   # heads first
+    # heads first, contiguous: strided inputs send solve_triangular down a path ~30x slower
+    q, k, v, g, beta = (t.float().transpose(1, 2).contiguous() for t in (q, k, v, g, beta))
     B, H, T, dk = k.shape
     dv = v.shape[-1]
     pad = -T % chunk_size                    # zero padding: beta = 0 and g = 0 leave S untouched
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
     n, C = (T + pad) // chunk_size, chunk_size
     q, k, v = (t.reshape(B, H, n, C, -1) for t in (q, k, v))        # [B, H, n, C, d]
     g, beta = g.reshape(B, H, n, C), beta.reshape(B, H, n, C)
@@ -380,6 +382,19 @@ class DeltaNetCache:
         self.last_step = None
 
 
+def causal_conv(x, weight):
+    """Depthwise causal conv over time: x [B, K-1+T, C] (the K-1 earlier inputs first), weight
+    [C, 1, K] -> [B, T, C]. Written as K shifted multiply-adds in x's layout: 3-10x faster here than
+    F.conv1d, which wants [B, C, T] and copies to get it (T=2048, C=6144, bf16: 6.5 ms vs 57 ms).
+    In bf16 it rounds after each tap, which a fused conv kernel does not (a bf16-rounding difference)."""
+    K, T = weight.shape[-1], x.shape[1] - weight.shape[-1] + 1
+    taps = weight[:, 0].t().contiguous()                             # [K, C]
+    out = x[:, :T] * taps[0]
+    for i in range(1, K):
+        out.addcmul_(x[:, i:i + T], taps[i])
+    return out
+
+
 class GatedDeltaNet(nn.Module):
     """Linear attention with the gated delta rule. Checkpoint names: `linear_attn.*`."""
 
@@ -410,13 +425,14 @@ class GatedDeltaNet(nn.Module):
         window = cache.conv if cache is not None and cache.conv is not None else \
             qkv.new_zeros(B, self.kernel - 1, self.conv_dim)
         conv_in = torch.cat([window, qkv], dim=1)                            # [B, K-1+T, C]
-        qkv = F.silu(F.conv1d(conv_in.transpose(1, 2), self.conv1d.weight, groups=self.conv_dim))
-        q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        qkv = F.silu(causal_conv(conv_in, self.conv1d.weight))                 # [B, T, C]
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = q.reshape(B, T, self.k_heads, self.dk), k.reshape(B, T, self.k_heads, self.dk)
         v = v.reshape(B, T, self.v_heads, self.dv)
         # Qwen3.5 quirk: key head i serves the CONSECUTIVE value heads i*r .. i*r+r-1 (not tiling)
         r = self.v_heads // self.k_heads
-        q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
+        if r > 1:
+            q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
         q = l2_normalize(q.float()) * self.dk ** -0.5
         k = l2_normalize(k.float())
         beta = torch.sigmoid(self.in_proj_b(x)).float()                     # [B, T, Hv]
@@ -1001,7 +1017,7 @@ def random_windows(data, batch_size, length, generator):
 
 
 def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=1, freeze_backbone=False,
-          seed=0, time_budget=None, log=print, log_every=10):
+          seed=0, time_budget=None, precision="bf16", log=print, log_every=10):
     """AdamW with linear warmup and cosine decay, gradient clipping at 1.0, on the model's own loss
     (lm_loss + mtp_loss_weight * mtp_loss). freeze_backbone trains only mtp.* on mtp_loss, the way
     an MTP head is added to an existing model. Returns the logged rows."""
@@ -1020,7 +1036,10 @@ def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=
     history, start, tokens = [], time.time(), 0
     for step in range(steps):
         x = random_windows(data, batch_size, seq_len, generator)
-        out = model(x, labels=x, mtp_depth=mtp_depth)
+        # bf16 autocast runs the matrix products (the DeltaNet's included) in bf16 while weights and
+        # AdamW state stay fp32: 2.5x faster per step on a CPU with bf16 units (0.36 s vs 0.9 s here)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x, labels=x, mtp_depth=mtp_depth)
         loss = out.mtp_loss if freeze_backbone else out.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1100,6 +1119,8 @@ def main(argv=None):
     parser.add_argument("--freeze-backbone", action="store_true", help="train only the MTP head")
     parser.add_argument("--init", help="start from a checkpoint saved by this demo")
     parser.add_argument("--time-budget", type=float, help="stop training after this many seconds")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: autocast matrix products in training (weights stay fp32)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/demo", help="checkpoint directory")
@@ -1118,7 +1139,7 @@ def main(argv=None):
     print(f"model: {n_params / 1e6:.2f}M parameters, layers {model.config.layer_types}")
     train(model, train_data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
           mtp_depth=args.mtp_depth, freeze_backbone=args.freeze_backbone, seed=args.seed,
-          time_budget=args.time_budget)
+          time_budget=args.time_budget, precision=args.precision)
     lm, mtp = evaluate(model, held_out, seq_len=args.seq_len, mtp_depth=args.mtp_depth)
     print(f"held-out: lm loss {lm:.3f}, mtp loss " + " ".join(f"{l:.3f}" for l in mtp)
           + " (nats per byte; depth 1 first)")
