@@ -14,6 +14,7 @@ checkpoints in the layouts real checkpoints use, loads them with `load_checkpoin
     7. config parsing of the real configs
     8. generation: cached steps, greedy parity, speculative decoding, rollback, bad input
     9. command line (load.py)           generation and streaming, --info, error messages
+    10. training and the demo            MTP depth, a short demo run, frozen backbone, bench smoke test
 
     cd /work/main && .venv/bin/python -m pytest test_mtp.py -x -q
 """
@@ -37,7 +38,8 @@ from transformers.modeling_layers import MtpModel
 
 from load import load_checkpoint, prompt_codec
 from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, RMSNorm, chunked_gated_delta_rule, demo_config,
-                        recurrent_gated_delta_rule, save_checkpoint, verify_drafts)
+                        evaluate, load_demo_checkpoint, recurrent_gated_delta_rule, save_checkpoint, stdlib_corpus,
+                        train, verify_drafts)
 
 # ==============================================================================================
 # 0. Shared helpers and fixtures
@@ -1137,3 +1139,93 @@ def test_cli_errors(word_checkpoint, tmp_path):
         assert "Traceback" not in result.stderr and not result.stdout
         if "--prompt" in args:                                 # ours: exactly one line
             assert result.stderr.startswith("load.py: error: ") and result.stderr.count("\n") == 1
+
+
+# ==============================================================================================
+# 10. Training and the demo
+
+def test_mtp_depth_chains_the_head():
+    """mtp_depth=3: depth d feeds the head its own depth d-1 output with token t+d, and its loss scores
+    row t against token t+d+1; mtp_loss is the mean over depths."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(12))
+    out = model(ids, labels=ids, mtp_depth=3)
+    assert len(out.mtp_logits_per_depth) == len(out.mtp_losses) == 3
+    with torch.no_grad():
+        h, T = out.hidden, ids.shape[1]
+        for d in range(1, 4):
+            h = model.mtp(h[:, :T - d], model.model.embed_tokens(ids[:, d:]), torch.ones(2, T - d, dtype=torch.bool))
+            logits = model.lm_head(h)
+            assert max_diff(out.mtp_logits_per_depth[d - 1], logits) <= TOL
+            expected = F.cross_entropy(logits[:, :T - 1 - d].flatten(0, 1), ids[:, d + 1:].flatten())
+            assert abs(out.mtp_losses[d - 1].item() - expected.item()) <= 1e-5
+    assert abs(out.mtp_loss.item() - sum(l.item() for l in out.mtp_losses) / 3) <= 1e-6
+    assert torch.equal(out.mtp_logits, out.mtp_logits_per_depth[0])
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return stdlib_corpus()
+
+
+def test_demo_training_lowers_losses_and_checkpoint_round_trips(corpus, tmp_path):
+    """Forty steps of the demo's training on the standard library's bytes lower both held-out losses;
+    the checkpoint it writes loads back through load.py and through transformers' Qwen3_5ForCausalLM
+    with the same logits."""
+    train_data, held_out = corpus
+    model = Qwen35(demo_config("tiny"))
+    before = evaluate(model, held_out, seq_len=128, batches=2, batch_size=8)
+    train(model, train_data, steps=40, batch_size=8, seq_len=128, lr=3e-3, log=lambda line: None)
+    after = evaluate(model, held_out, seq_len=128, batches=2, batch_size=8)
+    assert after[0] < before[0] - 1.5 and after[1][0] < before[1][0] - 1.5, (before, after)
+    save_checkpoint(model, tmp_path)
+    ids = held_out[1000:1100][None]
+    loaded = load_checkpoint(str(tmp_path))
+    theirs = Qwen3_5ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected, got = model(ids), loaded(ids)
+        assert torch.equal(got.logits, expected.logits) and torch.equal(got.mtp_logits, expected.mtp_logits)
+        assert max_diff(theirs(ids).logits, expected.logits) <= TOL
+    assert torch.equal(load_demo_checkpoint(tmp_path)(ids).logits, expected.logits)
+
+
+def test_demo_training_is_deterministic(corpus):
+    """The same seed gives the same weights."""
+    models = [Qwen35(demo_config("tiny")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        train(model, corpus[0], steps=3, batch_size=4, seq_len=64, seed=5, log=lambda line: None)
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_frozen_backbone_trains_only_the_mtp_head(corpus):
+    """freeze_backbone: every MTP parameter moves, nothing else does (the embedding the head shares
+    included)."""
+    model = Qwen35(demo_config("tiny"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train(model, corpus[0], steps=3, batch_size=4, seq_len=64, freeze_backbone=True, log=lambda line: None)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {name for name in before if name.startswith("mtp.")}
+
+
+def test_demo_command_runs(tmp_path):
+    """`python qwen35_mtp.py` end to end at toy scale: trains, evaluates, saves, decodes with drafts
+    (it raises if drafting changed the output)."""
+    result = subprocess.run([sys.executable, "qwen35_mtp.py", "--size", "tiny", "--steps", "6", "--batch-size", "4",
+                             "--seq-len", "64", "--new-tokens", "24", "--mtp-depth", "2", "--out", str(tmp_path)],
+                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for text in ["held-out: lm loss", "k=1: identical output", "k=3: identical output", "mtp "]:
+        assert text in result.stdout, text
+    assert os.path.exists(tmp_path / "model.safetensors") and os.path.exists(tmp_path / "config.json")
+
+
+def test_bench_quick_runs(tmp_path):
+    """bench.py --quick runs end to end (a smoke test: it asserts nothing about speed)."""
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(tmp_path / "rows.json")],
+                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.load(open(tmp_path / "rows.json"))
+    assert {row["section"] for row in rows} == {"machine", "prefill", "decode", "load", "train", "spec", "spec08"}
