@@ -59,8 +59,6 @@ def model_name(key):
 
 def checkpoint_files(path):
     """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -76,6 +74,8 @@ def checkpoint_files(path):
 
 
 def read_config(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: a checkpoint directory needs its config.json")
@@ -172,27 +172,24 @@ def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
 
 
 def fill_expert(expected, loaded, fused_filled, match, tensor, key, file, unexpected):
-    """Copy one per-expert tensor into its slice of the fused expert parameter (see PER_EXPERT)."""
+    """Copy one per-expert tensor into its slice of the fused expert parameter (see PER_EXPERT).
+    fused_filled[fused] records which (expert, part) slices have arrived."""
     prefix, e, part = match.group(1), int(match.group(2)), match.group(3)
     fused = f"{prefix}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
     if fused not in expected:
         unexpected.append(key)
         return
     E, rows, cols = expected[fused].shape
-    if fused not in loaded:
-        if fused in fused_filled:
+    if e >= E:
+        raise ValueError(f"{file}: tensor {key} names expert {e}, but the config has {E} experts")
+    if fused not in fused_filled:
+        if fused in loaded:
             raise ValueError(f"{file}: {key}: {fused} is stored both fused and per expert")
         loaded[fused] = torch.empty(E, rows, cols, dtype=tensor.dtype, device=tensor.device)
         parts = ["down_proj"] if part == "down_proj" else ["gate_proj", "up_proj"]
         fused_filled[fused] = {f"{i}.{p}": False for i in range(E) for p in parts}
-    elif fused not in fused_filled:
-        raise ValueError(f"{file}: {key}: {fused} is stored both fused and per expert")
-    half = rows // 2
-    target = {"gate_proj": loaded[fused][e, :half] if e < E else None,
-              "up_proj": loaded[fused][e, half:] if e < E else None,
-              "down_proj": loaded[fused][e] if e < E else None}[part]
-    if target is None:
-        raise ValueError(f"{file}: tensor {key} names expert {e}, but the config has {E} experts")
+    expert = loaded[fused][e]
+    target = {"gate_proj": expert[:rows // 2], "up_proj": expert[rows // 2:], "down_proj": expert}[part]
     if tuple(tensor.shape) != tuple(target.shape):
         raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, but the config expects "
                          f"{tuple(target.shape)}")
