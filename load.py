@@ -287,6 +287,8 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--draft-tokens", type=int, default=0, help="k MTP drafts per step (0 = plain)")
+    parser.add_argument("--draft-vocab-size", type=int, help="draft among the first N token ids only (cheaper "
+                        "drafts on a large vocabulary; the output is unchanged)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="auto = as stored")
     parser.add_argument("--device", default="cpu")
@@ -306,7 +308,7 @@ def main(argv=None):
                                 args.device)
         prompt = torch.tensor([ids], device=args.device)
         options = dict(temperature=args.temperature, top_p=args.top_p, draft_tokens=args.draft_tokens,
-                       eos_token_id=model.config.eos_token_id,
+                       draft_vocab_size=args.draft_vocab_size, eos_token_id=model.config.eos_token_id,
                        generator=None if args.seed is None else
                        torch.Generator(args.device).manual_seed(args.seed))
         model.generate(prompt, 0, **options)    # checks the options (drafts need an MTP head), decodes nothing

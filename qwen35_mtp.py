@@ -771,15 +771,19 @@ class Qwen35(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, draft_tokens=0,
-                 attention_mask=None, eos_token_id=None, generator=None, stream=None):
+                 attention_mask=None, eos_token_id=None, generator=None, stream=None, draft_vocab_size=None):
         """Decode up to max_new_tokens after input_ids [B, T] (left-padded rows: attention_mask).
         temperature 0 is greedy. draft_tokens = k > 0 drafts k tokens per step with the MTP head and
         verifies them in one main-model forward of k+1 tokens: the output is exactly that of plain
         decoding (greedy), or has exactly its distribution (sampling).
         stream, if given, is called with each batch of final new tokens [B, n] as they come.
+        draft_vocab_size = N drafts among token ids < N only: each draft then reads N rows of lm_head
+        instead of all V (byte-level BPE ids are merge ranks, so low ids are the frequent tokens). The
+        output is unchanged, since drafts are only proposals; acceptance may drop.
         Returns ids [B, T + n] and stats {drafted, accepted, main_forwards (after the prefill),
         drafted_at, accepted_at (per draft position)}."""
-        self.check_generate_args(input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask)
+        self.check_generate_args(input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask,
+                                 draft_vocab_size)
         valid = None if attention_mask is None else attention_mask.bool()
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).long().view(-1)
         stats = dict(drafted=0, accepted=0, main_forwards=0,
@@ -787,11 +791,16 @@ class Qwen35(nn.Module):
         sampling = (temperature, top_p, generator)
         if max_new_tokens == 0:
             return input_ids, stats
-        decode = self.speculative_decode if draft_tokens else self.decode
-        new = decode(input_ids, valid, max_new_tokens, draft_tokens, sampling, eos, stats, stream or (lambda _: None))
+        stream = stream or (lambda tokens: None)
+        if draft_tokens:
+            new = self.speculative_decode(input_ids, valid, max_new_tokens, draft_tokens, sampling, eos, stats,
+                                          stream, draft_vocab_size or self.config.vocab_size)
+        else:
+            new = self.decode(input_ids, valid, max_new_tokens, sampling, eos, stats, stream)
         return torch.cat([input_ids, new], dim=1), stats
 
-    def check_generate_args(self, input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask):
+    def check_generate_args(self, input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask,
+                            draft_vocab_size=None):
         V = self.config.vocab_size
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor; got shape {tuple(input_ids.shape)}")
@@ -814,11 +823,13 @@ class Qwen35(nn.Module):
         if draft_tokens and len(self.mtp.layers) != 1:
             raise ValueError(f"speculative decoding drives one MTP layer (as every Qwen3.5 checkpoint "
                              f"has); this model has {len(self.mtp.layers)}")
+        if draft_vocab_size is not None and not 0 < draft_vocab_size <= V:
+            raise ValueError(f"draft_vocab_size must be in 1..{V}; got {draft_vocab_size}")
         if draft_tokens and input_ids.shape[0] != 1:
             raise ValueError(f"speculative decoding (draft_tokens > 0) supports batch size 1; got "
                              f"{input_ids.shape[0]}. Use draft_tokens=0 for batches.")
 
-    def decode(self, input_ids, valid, max_new_tokens, _, sampling, eos, stats, stream):
+    def decode(self, input_ids, valid, max_new_tokens, sampling, eos, stats, stream):
         """Plain decoding: one main-model forward per token. Finished rows repeat their EOS."""
         cache = Cache(self.config.layer_types)
         hidden = self.model(input_ids, valid, cache)
@@ -836,7 +847,7 @@ class Qwen35(nn.Module):
             hidden = self.model(token[:, None], None, cache)
             stats["main_forwards"] += 1
 
-    def speculative_decode(self, input_ids, valid, max_new_tokens, k, sampling, eos, stats, stream):
+    def speculative_decode(self, input_ids, valid, max_new_tokens, k, sampling, eos, stats, stream, draft_vocab):
         """Draft with MTP, verify with the main model, keep the agreeing prefix (batch 1)."""
         cache, mtp_cache = Cache(self.config.layer_types), Cache(["full_attention"])
         hidden = self.model(input_ids, valid, cache)
@@ -850,7 +861,8 @@ class Qwen35(nn.Module):
         produced = 1
         while produced < max_new_tokens and not torch.isin(token, eos).any():
             n = min(k, max_new_tokens - produced - 1)      # never draft past the budget
-            drafts, draft_probs = self.draft(pending_hidden, pending_next, pending_valid, mtp_cache, n, sampling)
+            drafts, draft_probs = self.draft(pending_hidden, pending_next, pending_valid, mtp_cache, n, sampling,
+                                             draft_vocab)
             block = torch.cat([token] + drafts)[None]       # [1, n+1]: last token, then the drafts
             hidden = self.model(block, None, cache)
             stats["main_forwards"] += 1
@@ -870,10 +882,11 @@ class Qwen35(nn.Module):
             pending_hidden, pending_next, pending_valid = hidden[:, :accepted + 1], kept[None], None
         return torch.cat(new)[None]
 
-    def draft(self, hidden, next_tokens, valid, mtp_cache, n, sampling):
+    def draft(self, hidden, next_tokens, valid, mtp_cache, n, sampling, vocab):
         """Add the MTP rows (hidden_t, next_t) to the head's cache, then draft n tokens. Draft i > 0
         feeds back the head's own post-norm output with draft i-1, one position later (as vLLM does);
         those chained rows are dropped from the cache afterwards, since the verified rows replace them.
+        Drafts come from the first `vocab` rows of lm_head (a view, no copy).
         Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from."""
         if n == 0:
             return [], []
@@ -882,13 +895,14 @@ class Qwen35(nn.Module):
             valid = torch.ones(next_tokens.shape, dtype=torch.bool, device=next_tokens.device)
         h = self.mtp(hidden, embed(next_tokens), valid, mtp_cache)[:, -1:]
         committed = len(mtp_cache)
+        head = self.lm_head.weight[:vocab]
         drafts, probs = [], []
-        temperature, top_p, generator = sampling
+        temperature, top_p, _ = sampling
         for i in range(n):
-            logits = self.lm_head(h[:, -1])
+            logits = F.linear(h[:, -1], head)
             drafts.append(pick(logits, *sampling))
-            if temperature > 0:
-                probs.append(token_probs(logits, temperature, top_p)[0])
+            if temperature > 0:   # q over the whole vocabulary, zero beyond the draft vocabulary
+                probs.append(F.pad(token_probs(logits, temperature, top_p)[0], (0, self.config.vocab_size - vocab)))
             if i + 1 < n:
                 h = self.mtp(h, embed(drafts[-1][:, None]), valid[:, -1:], mtp_cache)
         mtp_cache.crop(committed)

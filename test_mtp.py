@@ -854,6 +854,19 @@ def test_speculative_greedy_all_accepted(moe, k):
     assert stats["accepted_at"] == stats["drafted_at"]
 
 
+def test_speculative_with_a_draft_vocabulary():
+    """Drafting among the first 64 of 128 token ids: tokens beyond it are never drafted, so fewer
+    drafts pass, and the output is still exactly greedy."""
+    model = agreeing_model()
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(4))
+    plain, _ = model.generate(prompt, 40)
+    spec, stats = model.generate(prompt, 40, draft_tokens=2, draft_vocab_size=64)
+    assert torch.equal(spec, plain)
+    assert 0 < stats["accepted"] < stats["drafted"]
+    with pytest.raises(ValueError, match="draft_vocab_size must be in 1..128"):
+        model.generate(prompt, 4, draft_tokens=1, draft_vocab_size=129)
+
+
 def test_rollback_restores_cache_exactly():
     """Feeding 4 tokens then dropping the last 2 leaves every layer's cache (KV, DeltaNet conv window
     and state) as if only the first 2 had been fed, and decoding continues identically."""
@@ -892,13 +905,17 @@ def chi2_statistic(counts, probs):
     return ((counts - expected) ** 2 / expected).sum().item()
 
 
-def test_verify_drafts_sampling_rule_preserves_target():
+@pytest.mark.parametrize("draft_vocab", [6, 4], ids=["full", "draft-vocab-4"])
+def test_verify_drafts_sampling_rule_preserves_target(draft_vocab):
     """The acceptance rule alone: with drafts drawn from q, the first emitted token follows p exactly
-    (chi-square goodness of fit, false-alarm rate 1e-3), though q differs from p a lot."""
+    (chi-square goodness of fit, false-alarm rate 1e-3), though q differs from p a lot, also when q
+    is confined to a draft vocabulary (zero on the last tokens)."""
     V, n, N = 6, 2, 20000
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(n + 1, V, generator=gen) * 1.5
     q = torch.softmax(torch.randn(n, V, generator=gen) * 1.5, dim=-1)
+    q[:, draft_vocab:] = 0
+    q /= q.sum(-1, keepdim=True)
     p = torch.softmax(logits, dim=-1)
     assert (p[0] - q[0]).abs().sum() / 2 > 0.2                  # the test has power
     counts = torch.zeros(V, dtype=torch.float64)
