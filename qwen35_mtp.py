@@ -167,18 +167,20 @@ class Qwen35Config:
 # 2. Linear layers, norms and rotary embedding
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear, with one CPU-specific fast path. For up to 16 rows of fp32 against a
-    large weight (>= 1M entries, past the caches) it computes W @ x^T with at least two columns:
-    there this CPU's BLAS runs a single row (GEMV) on one thread at ~19 GB/s and 2-16 rows 2-4x
-    slower than one, while a two-column GEMM streams the weight at ~30 GB/s. That makes fp32
-    decoding ~1.4x faster and verifying k drafts cost about one decode step, not k."""
+    """A bias-free nn.Linear, with one CPU-specific fast path for a few rows of fp32 (decoding,
+    verifying drafts). This CPU's BLAS runs 2-16 rows 2-4x slower than one, and one row (GEMV) on a
+    single thread at ~19 GB/s, while W @ x^T with two or more columns uses both threads (~30 GB/s
+    once the weight is out of cache). So few rows go through W @ x^T, a single row padded to two
+    when its weight is large (>= 1M entries). Measured: verifying k drafts costs about one decode
+    step instead of k, and fp32 decoding on the 0.8B shape takes ~95 instead of ~170 ms/token."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
         rows = x.shape[:-1].numel()
-        if rows <= 16 and x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.numel() >= 2 ** 20:
+        if x.dtype == torch.float32 and x.device.type == "cpu" and rows <= 16 and \
+                (rows > 1 or self.weight.numel() >= 2 ** 20):
             x2 = x.reshape(rows, -1)
             x2 = x2.repeat(2, 1) if rows == 1 else x2
             return (self.weight @ x2.t())[:, :rows].t().reshape(*x.shape[:-1], -1)
