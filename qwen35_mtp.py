@@ -1113,11 +1113,14 @@ def evaluate(model, data, *, seq_len=256, batches=4, batch_size=16, mtp_depth=1)
 def compare_decoding(model, prompt, new_tokens, draft_counts=(1, 2, 3), log=print):
     """Greedy-decode the same prompt plainly and with k MTP drafts; check the outputs agree and
     report acceptance and speed. Returns {k: (tokens per second, stats)} with k = 0 for plain."""
-    def timed(k):
+    def timed(k, runs=3):
         model.generate(prompt, 8, draft_tokens=k)                      # warm up
-        start = time.time()
-        ids, stats = model.generate(prompt, new_tokens, draft_tokens=k)
-        return ids, (ids.shape[1] - prompt.shape[1]) / (time.time() - start), stats
+        seconds = []
+        for _ in range(runs):                                          # the median of 3: less noise
+            start = time.perf_counter()
+            ids, stats = model.generate(prompt, new_tokens, draft_tokens=k)
+            seconds.append(time.perf_counter() - start)
+        return ids, (ids.shape[1] - prompt.shape[1]) / sorted(seconds)[runs // 2], stats
     plain, plain_speed, _ = timed(0)
     results = {0: (plain_speed, None)}
     log(f"plain greedy: {plain_speed:.1f} tokens/s")
