@@ -234,10 +234,8 @@ def speculative(path_08b, quick):
             model.lm_head(model.model(ids[:, :T], None, cache)[0]).argmax(-1)
             cache.crop(base)
 
-        def draft_step(vocab=None):     # what Qwen35.draft does per draft: the MTP layer, then lm_head rows
-            h = model.mtp(hidden[:, -1:], model.model.embed_tokens(ids[:, -1:]), torch.ones(1, 1, dtype=torch.bool),
-                          mtp_cache)
-            torch.nn.functional.linear(h[:, -1], model.lm_head.weight[:vocab]).argmax(-1)
+        def draft_step(vocab=model.config.vocab_size):    # one greedy draft, as generate() makes it
+            model.draft(hidden[:, -1:], ids[:, -1:], None, mtp_cache, 1, (0.0, 1.0, None), vocab)
             mtp_cache.crop(mtp_base)
 
         runs = 3 if quick else 5

@@ -102,6 +102,14 @@ def checkpoint_keys(files, device):
     return owner
 
 
+def mtp_layer_count(keys):
+    """How many MTP decoder layers the checkpoint keys hold (0: no `mtp.*` tensors at all)."""
+    layers = {int(m.group(1)) for k in keys if (m := re.match(r"^mtp\.layers\.(\d+)\.", k))}
+    if not any(k.startswith("mtp.") for k in keys):
+        return 0
+    return max(layers) + 1 if layers else 1
+
+
 def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
     """Build Qwen35 from a checkpoint directory (config.json + safetensors, single or sharded).
     dtype=None keeps each tensor's dtype as stored; a dtype casts every tensor to it."""
@@ -110,9 +118,7 @@ def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
     owner = checkpoint_keys(files, device)
     # The MTP head is whatever the files hold: transformers re-saves keep mtp_num_hidden_layers in
     # config.json but drop the mtp.* tensors.
-    mtp_layers = {int(m.group(1)) for k in owner if (m := re.match(r"^mtp\.layers\.(\d+)\.", k))}
-    has_mtp = any(k.startswith("mtp.") for k in owner)
-    config = replace(config, mtp_num_hidden_layers=(max(mtp_layers) + 1 if mtp_layers else 1) if has_mtp else 0)
+    config = replace(config, mtp_num_hidden_layers=mtp_layer_count(owner))
 
     with torch.device("meta"):
         model = Qwen35(config)              # no memory: every parameter is assigned below
@@ -218,7 +224,6 @@ def describe(path):
     # a tied lm_head, if stored at all, is the embedding again (the loader checks that): count it once
     main = [k for k in numel if model_name(k) is not None and k not in mtp
             and not (k == "lm_head.weight" and c.tie_word_embeddings)]
-    mtp_layers = {m.group(1) for k in mtp if (m := re.match(r"^mtp\.layers\.(\d+)\.", k))}
     full = [str(i) for i, t in enumerate(c.layer_types) if t == "full_attention"]
     params = lambda keys: sum(numel[k] for k in keys)
     return "\n".join([
@@ -235,7 +240,7 @@ def describe(path):
         f"MLP: MoE, {c.num_experts} experts, top-{c.num_experts_per_tok}, expert width "
         f"{c.moe_intermediate_size}, shared expert width {c.shared_expert_intermediate_size}" if c.is_moe
         else f"MLP: dense SwiGLU, width {c.intermediate_size}",
-        f"MTP head: {len(mtp_layers)} layer(s), {count(params(mtp))} parameters" if mtp
+        f"MTP head: {mtp_layer_count(mtp)} layer(s), {count(params(mtp))} parameters" if mtp
         else f"MTP head: none (no mtp.* tensors; config.json says {c.mtp_num_hidden_layers} layer(s))",
         f"parameters: main model {count(params(main))}, MTP head {count(params(mtp))}",
         f"skipped: {len(skipped)} tensors" + (" (model.visual.*: the vision tower)" if skipped else ""),
