@@ -8,7 +8,9 @@ several runs.
     python bench.py --quick    # a smoke test on tiny shapes (seconds)
 
 Sections: machine limits, prefill, decode, load to first logits (fresh processes), training step,
-MTP speculative decoding (demo checkpoint, and projected on the 0.8B shape).
+MTP speculative decoding (demo checkpoint, and projected on the 0.8B shape). "Ours" is the model with
+fast.speed_up applied, as load.py's command line and the demo run it: on the CPU that changes only
+fp32 products of at most 16 rows (fp32 decoding and verification; see fast.FewRowLinear).
 """
 
 import argparse
@@ -26,8 +28,10 @@ import torch
 from transformers import Qwen3_5ForCausalLM
 from transformers.modeling_layers import MtpModel
 
-from load import load_checkpoint
-from qwen35_mtp import Cache, Qwen35, Qwen35Config, demo_config, load_demo_checkpoint, save_checkpoint
+from fast import speed_up
+from load import load_checkpoint, save_checkpoint
+from qwen35_mtp import Cache, Qwen35, Qwen35Config, Sampling, draft, generate
+from train import demo_config, demo_prompt, stdlib_corpus
 
 REAL_08B = {  # the text config of Qwen3.5-0.8B (published values)
     "vocab_size": 248320, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 8,
@@ -103,7 +107,7 @@ def prefill_and_decode(path, quick, flops, bandwidth):
     lengths = (64, 128) if quick else (512, 2048)
     results = {}
     for name, dtype in DTYPES.items():
-        ours = load_checkpoint(path, dtype=dtype)
+        ours = speed_up(load_checkpoint(path, dtype=dtype))
         theirs = Qwen3_5ForCausalLM.from_pretrained(path, dtype=dtype).eval()
         header(f"Prefill and decode, {name} (batch 1, last-position logits)")
         params = non_embedding_params(ours)
@@ -120,7 +124,7 @@ def prefill_and_decode(path, quick, flops, bandwidth):
                 results[(name, T)] = (t_ours, t_theirs)
             prompt = torch.randint(0, ours.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
             n = 16 if quick else 64
-            ours_gen = lambda k: ours.generate(prompt, k)
+            ours_gen = lambda k: generate(ours, prompt, k)
             theirs_gen = lambda k: theirs.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                                    pad_token_id=0)
             per_token = []
@@ -141,8 +145,9 @@ import sys, time, torch
 start = time.perf_counter()
 which, path = sys.argv[1], sys.argv[2]
 if which == "ours":
+    from fast import speed_up
     from load import load_checkpoint
-    model = load_checkpoint(path, dtype=torch.bfloat16)
+    model = speed_up(load_checkpoint(path, dtype=torch.bfloat16))
     forward = lambda ids: model.lm_head(model.model(ids)[:, -1])
 else:
     from transformers import Qwen3_5ForCausalLM
@@ -200,63 +205,66 @@ def speculative(path_08b, quick):
     header("MTP speculative decoding, greedy (ours; transformers has no Qwen3.5 MTP drafting)")
     demo = os.path.join("runs", "demo")
     if os.path.exists(os.path.join(demo, "model.safetensors")) and not quick:
-        model = load_demo_checkpoint(demo).eval()
-        from qwen35_mtp import demo_prompt, stdlib_corpus
+        model = speed_up(load_checkpoint(demo))
         prompt = demo_prompt(stdlib_corpus()[1])
         source = "demo checkpoint (runs/demo)"
     else:
-        model = Qwen35(demo_config("tiny")).eval()
+        model = speed_up(Qwen35(demo_config("tiny")).eval())
         prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
-        source = "untrained tiny model (run `python qwen35_mtp.py` first for the demo checkpoint)"
+        source = "untrained tiny model (run `python train.py` first for the demo checkpoint)"
     print(f"  on the {source}")
     n = 64 if quick else 256
-    plain_ids, _ = model.generate(prompt, n)
-    plain_speed = n / median_time(lambda: model.generate(prompt, n), 3)
+    plain_ids, _ = generate(model, prompt, n)
+    plain_speed = n / median_time(lambda: generate(model, prompt, n), 3)
     report("spec", "plain greedy", plain_speed, unit="tokens/s", better="higher")
     for k in (1, 2, 3):
-        ids, stats = model.generate(prompt, n, draft_tokens=k)
+        ids, stats = generate(model, prompt, n, draft_tokens=k)
         assert torch.equal(ids, plain_ids), f"k={k} changed the output"
-        speed = n / median_time(lambda: model.generate(prompt, n, draft_tokens=k), 3)
+        speed = n / median_time(lambda: generate(model, prompt, n, draft_tokens=k), 3)
         per_position = " ".join(f"{a / max(d, 1):.2f}" for a, d in zip(stats["accepted_at"], stats["drafted_at"]))
         report("spec", f"k={k} (acceptance by position {per_position})", speed, unit="tokens/s", better="higher")
         report("spec", f"  speedup over plain, identical output", speed / plain_speed, unit="x", better="higher")
 
     header(f"MTP drafting cost on the {'tiny' if quick else '0.8B'} shape (bf16), and the speedup it implies")
-    model = load_checkpoint(path_08b, dtype=torch.bfloat16)
+    model = speed_up(load_checkpoint(path_08b, dtype=torch.bfloat16))
     ids = torch.randint(0, model.config.vocab_size, (1, 65), generator=torch.Generator().manual_seed(2))
     cache, mtp_cache = Cache(model.config.layer_types), Cache(["full_attention"])
     with torch.no_grad():
         hidden = model.model(ids[:, :64], None, cache)
         model.mtp(hidden, model.model.embed_tokens(ids[:, 1:65]), torch.ones(1, 64, dtype=torch.bool), mtp_cache)
-        base, mtp_base = len(cache), len(mtp_cache)
+        mtp_base = len(mtp_cache)
 
-        def main_step(T):
-            model.lm_head(model.model(ids[:, :T], None, cache)[0]).argmax(-1)
+        def plain_step():                                  # one decode step: the cache grows by a token
+            model.lm_head(model.model(ids[:, :1], None, cache)[0]).argmax(-1)
+
+        def verify_step(T):                                # verify T tokens, then roll all of them back
+            model.lm_head(model.model(ids[:, :T], None, cache, rollback=True)[0]).argmax(-1)
             cache.crop(base)
 
         def draft_step(vocab=model.config.vocab_size):    # one greedy draft, as generate() makes it
-            model.draft(hidden[:, -1:], ids[:, -1:], None, mtp_cache, 1, (0.0, 1.0, None), vocab)
+            draft(model, hidden[:, -1:], ids[:, -1:], None, mtp_cache, 1, Sampling(), vocab)
             mtp_cache.crop(mtp_base)
 
         runs = 3 if quick else 5
-        plain = median_time(lambda: main_step(1), runs)
+        plain = median_time(plain_step, runs)
+        base = len(cache)
         draft_vocab = min(32768, model.config.vocab_size // 4)
-        drafts = {"all ids": median_time(draft_step, runs),
-                  f"ids < {draft_vocab}": median_time(lambda: draft_step(draft_vocab), runs)}
+        draft_costs = {"all ids": median_time(draft_step, runs),
+                       f"ids < {draft_vocab}": median_time(lambda: draft_step(draft_vocab), runs)}
         report("spec08", "plain decode step (T=1)", plain * 1e3, unit="ms")
-        for name, draft in drafts.items():
-            report("spec08", f"one MTP draft over {name} / plain step", draft / plain, unit="x")
-        verify = {k: median_time(lambda: main_step(k + 1), runs) for k in (1, 2, 3)}
+        for name, cost in draft_costs.items():
+            report("spec08", f"one MTP draft over {name} / plain step", cost / plain, unit="x")
+        verify = {k: median_time(lambda: verify_step(k + 1), runs) for k in (1, 2, 3)}
         for k in (1, 2, 3):
             report("spec08", f"verify k={k} ({k + 1} tokens) / plain step", verify[k] / plain, unit="x")
         # Assumptions: draft i is accepted with probability alpha once drafts 1..i-1 were (the same
         # alpha at every position, optimistic for k > 1), and the smaller draft vocabulary keeps it.
-        for name, draft in drafts.items():
+        for name, cost in draft_costs.items():
             for k in (1, 2, 3):
                 for alpha in (0.65, 0.8, 0.9):
                     tokens = sum(alpha ** i for i in range(k + 1))
                     report("spec08", f"  speedup k={k}, acceptance {alpha}, {name}",
-                           tokens * plain / (verify[k] + k * draft), unit="x", better="higher")
+                           tokens * plain / (verify[k] + k * cost), unit="x", better="higher")
 
 
 def main():

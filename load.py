@@ -1,7 +1,8 @@
 """
-Load a Qwen3.5 checkpoint, as published (safetensors), into `qwen35_mtp.Qwen35`.
+Load a Qwen3.5 checkpoint, as published (safetensors), into `qwen35_mtp.Qwen35`, and save one.
 
     model = load_checkpoint("Qwen3.5-0.8B/", dtype=torch.bfloat16)
+    save_checkpoint(model, "runs/mine")        # config.json + model.safetensors, loadable here and by transformers
 
 Module names mirror checkpoint keys, so loading is a prefix strip plus one table for experts:
 
@@ -28,14 +29,16 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from qwen35_mtp import Qwen35, Qwen35Config
+from fast import speed_up
+from qwen35_mtp import LAYER_TYPES, Qwen35, Qwen35Config, generate
 
 SKIPPED_PREFIXES = ("model.visual.",)
 
@@ -47,6 +50,69 @@ SKIPPED_PREFIXES = ("model.visual.",)
 #     experts.{e}.down_proj.weight [H, I]  ->  experts.down_proj[e]
 PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
+
+# ----------------------------------------------------------------------------------------------
+# config.json <-> Qwen35Config
+
+def config_from_hf(d: dict) -> Qwen35Config:
+    """Parse an official config.json (VL-wrapped: text fields under `text_config`) or a flat text
+    config (`qwen3_5_text` / `qwen3_5_moe_text`, as transformers re-saves it), dense or MoE."""
+    text = d.get("text_config", d)
+    where = "text_config" if "text_config" in d else "the config"
+    is_moe = "moe" in str(text.get("model_type", "")) or "num_experts" in text
+    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads",
+                "linear_key_head_dim", "linear_value_head_dim"]
+    required += (["num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "shared_expert_intermediate_size"] if is_moe else ["intermediate_size"])
+    if missing := [name for name in required if name not in text]:
+        raise ValueError(f"config is missing required field(s) {missing} (looked in {where})")
+    for name, expected in [("hidden_act", "silu"), ("attn_output_gate", True),
+                           ("mtp_use_dedicated_embeddings", False), ("attention_bias", False)]:
+        if text.get(name, expected) != expected:
+            raise ValueError(f"config field {name}={text[name]!r} is not supported: every Qwen3.5 "
+                             f"checkpoint has {expected!r}")
+    if text.get("mlp_only_layers"):
+        raise ValueError(f"config field mlp_only_layers={text['mlp_only_layers']} is not supported: "
+                         "Qwen3.5 uses the same MLP kind in every layer")
+    # rope: transformers 5 nests it in `rope_parameters`, older files use flat fields
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config field rope_parameters={rope!r} is not valid: expected an object")
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type={rope['rope_type']!r} is not supported; Qwen3.5 uses 'default'")
+    kwargs = {f.name: text[f.name] for f in fields(Qwen35Config) if f.name in text}
+    kwargs["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 1e7))
+    kwargs["partial_rotary_factor"] = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+    # the tie flag may sit at the top level, in text_config, or both: the top level decides
+    kwargs["tie_word_embeddings"] = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    kwargs["eos_token_id"] = text.get("eos_token_id", d.get("eos_token_id"))
+    if "layer_types" not in text and "full_attention_interval" in text:
+        n = text["full_attention_interval"]
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"config field full_attention_interval={n!r} is not valid: expected an integer > 0")
+        if isinstance(text["num_hidden_layers"], int):
+            kwargs["layer_types"] = [LAYER_TYPES[(i + 1) % n == 0] for i in range(text["num_hidden_layers"])]
+    return Qwen35Config(**kwargs)
+
+
+def config_to_hf(config: Qwen35Config) -> dict:
+    """A flat text config that transformers reads as Qwen3_5(Moe)ForCausalLM."""
+    d = {f.name: getattr(config, f.name) for f in fields(config)
+         if f.name not in ("rope_theta", "partial_rotary_factor")}
+    if not config.is_moe:
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            del d[name]
+    d["model_type"] = "qwen3_5_moe_text" if config.is_moe else "qwen3_5_text"
+    d["architectures"] = ["Qwen3_5MoeForCausalLM" if config.is_moe else "Qwen3_5ForCausalLM"]
+    d["hidden_act"] = "silu"
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta,
+                            "partial_rotary_factor": config.partial_rotary_factor}
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints
 
 def model_name(key):
     """The model parameter a checkpoint key feeds, or None for tensors skipped on purpose."""
@@ -80,7 +146,7 @@ def read_config(path):
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: a checkpoint directory needs its config.json")
     with open(config_path) as f:
-        return Qwen35Config.from_hf(json.load(f))
+        return config_from_hf(json.load(f))
 
 
 def open_safetensors(file, device):
@@ -205,6 +271,17 @@ def fill_expert(expected, loaded, fused_filled, match, tensor, key, file, unexpe
     fused_filled[fused][f"{e}.{part}"] = True
 
 
+def save_checkpoint(model, directory):
+    """config.json (a flat text config) + model.safetensors with `model.*`, `lm_head.weight` (untied only)
+    and `mtp.*`: loadable by load_checkpoint and by transformers' Qwen3_5ForCausalLM."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config_to_hf(model.config), f, indent=2)
+    tensors = {name: p.detach().contiguous() for name, p in model.state_dict().items()
+               if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: generate text from a prompt (optionally with MTP drafts), or describe a checkpoint
 
@@ -253,7 +330,7 @@ def count(n):
 
 def prompt_codec(path, prompt, vocab_size):
     """The prompt's token ids and a decode(ids) -> str: the checkpoint's own tokenizer.json, or raw UTF-8
-    bytes for a byte-level checkpoint (vocab 256, no tokenizer.json: the one `python qwen35_mtp.py` writes)."""
+    bytes for a byte-level checkpoint (vocab 256, no tokenizer.json: the one `python train.py` writes)."""
     file = os.path.join(path, "tokenizer.json")
     if os.path.exists(file):
         try:
@@ -316,7 +393,8 @@ def main(argv=None):
                        draft_vocab_size=args.draft_vocab_size, eos_token_id=model.config.eos_token_id,
                        generator=None if args.seed is None else
                        torch.Generator(args.device).manual_seed(args.seed))
-        model.generate(prompt, 0, **options)    # checks the options (drafts need an MTP head), decodes nothing
+        generate(model, prompt, 0, **options)   # checks the options (drafts need an MTP head), decodes nothing
+        speed_up(model)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
 
@@ -334,7 +412,7 @@ def main(argv=None):
 
     print(args.prompt, end="", flush=True)
     start = time.time()
-    _, stats = model.generate(prompt, args.max_new_tokens, stream=stream, **options)
+    _, stats = generate(model, prompt, args.max_new_tokens, stream=stream, **options)
     seconds = max(time.time() - start, 1e-9)
     print(decode(ids + generated)[len(shown):], flush=True)
     summary = f"{len(generated)} new tokens in {seconds:.2f} s, {len(generated) / seconds:.1f} tokens/s"

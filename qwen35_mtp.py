@@ -2,30 +2,23 @@
 Qwen3.5 and its Multi-Token Prediction (MTP) head, in one file of plain PyTorch.
 
 Read top to bottom:
-  1. Qwen35Config           every number the model needs, parsed from an official config.json
-  2. linear, norms, rotary  the (1+w) RMSNorm, the plain gated RMSNorm, 25% partial RoPE
+  1. Qwen35Config           every number the model needs
+  2. norms, rotary          the (1+w) RMSNorm, the plain gated RMSNorm, 25% partial RoPE
   3. gated attention        full softmax attention with a sigmoid output gate (every 4th layer)
   4. Gated DeltaNet         linear attention: the gated delta rule, recurrent and chunked
   5. MLP and MoE            dense SwiGLU, or top-k experts plus a gated shared expert
   6. decoder, model, MTP    pre-norm layers, caches, the backbone, the MTP head (predicts token t+2)
   7. Qwen35                 logits, MTP logits and the training loss in one forward
   8. generation             decoding, and lossless speculative decoding with MTP drafts
-  9. checkpoints            the official layout, written with the standard library
- 10. the demo               `python qwen35_mtp.py`: train with MTP from scratch, then draft with it
 
 Shapes: B batch, T tokens in this step, S tokens in the cache (past + this step), H hidden size,
 V vocabulary. Checkpoint names are mirrored by the module names, so `model.layers.3.self_attn.q_proj`
-here is `model.language_model.layers.3.self_attn.q_proj.weight` in an official checkpoint.
+here is `model.language_model.layers.3.self_attn.q_proj.weight` in an official checkpoint. Reading
+and writing checkpoints is load.py's job; training is train.py's.
 """
 
-import argparse
-import glob
-import json
 import math
-import os
-import sysconfig
-import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -70,19 +63,25 @@ class Qwen35Config:
     eos_token_id: object = None       # int, list of ints, or None
 
     def __post_init__(self):
-        if self.layer_types is None:
+        if self.layer_types is None and type(self.num_hidden_layers) is int:
             self.layer_types = [LAYER_TYPES[i % 4 == 3] for i in range(self.num_hidden_layers)]
-        self.layer_types = list(self.layer_types)
+        self.check_types()
         problems = []
         if len(self.layer_types) != self.num_hidden_layers:
             problems.append(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
                             f"{self.num_hidden_layers}")
         if bad := sorted(set(self.layer_types) - set(LAYER_TYPES)):
             problems.append(f"layer_types holds {bad}; expected only {list(LAYER_TYPES)}")
-        if self.num_attention_heads % self.num_key_value_heads:
+        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.type is int}
+        if negative := [name for name, value in sizes.items() if value < 0]:
+            problems.append(f"negative sizes: {negative}")
+        if zero := [name for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                                      "linear_num_key_heads", "head_dim") if sizes[name] == 0]:
+            problems.append(f"sizes that must be > 0: {zero}")
+        elif self.num_attention_heads % self.num_key_value_heads:
             problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_key_value_heads}")
-        if self.linear_num_value_heads % self.linear_num_key_heads:
+        elif self.linear_num_value_heads % self.linear_num_key_heads:
             problems.append(f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
                             f"linear_num_key_heads={self.linear_num_key_heads}")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
@@ -95,11 +94,26 @@ class Qwen35Config:
             problems.append("an MoE model needs moe_intermediate_size and shared_expert_intermediate_size > 0")
         if not self.is_moe and self.intermediate_size <= 0:
             problems.append("a dense model needs intermediate_size > 0")
-        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.type is int}
-        if negative := [name for name, value in sizes.items() if value < 0]:
-            problems.append(f"negative sizes: {negative}")
         if problems:
             raise ValueError("inconsistent Qwen3.5 config: " + "; ".join(problems))
+
+    def check_types(self):
+        """Name the field, its value and the expected type, before a comparison fails deep inside."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+        expected = {int: ("an integer", is_int),
+                    float: ("a number", lambda v: is_int(v) or isinstance(v, float)),
+                    bool: ("true or false", lambda v: isinstance(v, bool)),
+                    list: ("a list of layer type names", lambda v: isinstance(v, list)
+                           and all(isinstance(x, str) for x in v)),
+                    object: ("an integer, a list of integers or null", lambda v: v is None or is_int(v)
+                             or isinstance(v, list) and all(map(is_int, v)))}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            what, ok = expected[f.type]
+            if not ok(value):
+                raise ValueError(f"config field {f.name}={value!r} ({type(value).__name__}) is not valid: "
+                                 f"expected {what}")
 
     @property
     def is_moe(self):
@@ -109,83 +123,9 @@ class Qwen35Config:
     def rotary_dim(self):
         return int(self.head_dim * self.partial_rotary_factor)
 
-    @classmethod
-    def from_hf(cls, d: dict) -> "Qwen35Config":
-        """Parse an official config.json (VL-wrapped: text fields under `text_config`) or a flat
-        text config (`qwen3_5_text` / `qwen3_5_moe_text`), dense or MoE."""
-        text = d.get("text_config", d)
-        where = "text_config" if "text_config" in d else "the config"
-        is_moe = "moe" in str(text.get("model_type", "")) or "num_experts" in text
-        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads",
-                    "linear_key_head_dim", "linear_value_head_dim"]
-        required += (["num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                      "shared_expert_intermediate_size"] if is_moe else ["intermediate_size"])
-        if missing := [name for name in required if name not in text]:
-            raise ValueError(f"config is missing required field(s) {missing} (looked in {where})")
-        for name, expected in [("hidden_act", "silu"), ("attn_output_gate", True),
-                               ("mtp_use_dedicated_embeddings", False), ("attention_bias", False)]:
-            if text.get(name, expected) != expected:
-                raise ValueError(f"config field {name}={text[name]!r} is not supported: every Qwen3.5 "
-                                 f"checkpoint has {expected!r}")
-        if text.get("mlp_only_layers"):
-            raise ValueError(f"config field mlp_only_layers={text['mlp_only_layers']} is not supported: "
-                             "Qwen3.5 uses the same MLP kind in every layer")
-        # rope: transformers 5 nests it in `rope_parameters`, older files use flat fields
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_type={rope['rope_type']!r} is not supported; Qwen3.5 uses 'default'")
-        kwargs = {f.name: text[f.name] for f in fields(cls) if f.name in text}
-        kwargs["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 1e7))
-        kwargs["partial_rotary_factor"] = rope.get("partial_rotary_factor",
-                                                   text.get("partial_rotary_factor", 0.25))
-        # the tie flag may sit at the top level, in text_config, or both: the top level decides
-        kwargs["tie_word_embeddings"] = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        kwargs["eos_token_id"] = text.get("eos_token_id", d.get("eos_token_id"))
-        if "layer_types" not in text and "full_attention_interval" in text:
-            n = text["full_attention_interval"]
-            kwargs["layer_types"] = [LAYER_TYPES[(i + 1) % n == 0] for i in range(text["num_hidden_layers"])]
-        return cls(**kwargs)
-
-    def to_hf(self) -> dict:
-        """A flat text config that transformers reads as Qwen3_5(Moe)ForCausalLM."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("rope_theta", "partial_rotary_factor")}
-        if not self.is_moe:
-            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                         "shared_expert_intermediate_size"):
-                del d[name]
-        d["model_type"] = "qwen3_5_moe_text" if self.is_moe else "qwen3_5_text"
-        d["architectures"] = ["Qwen3_5MoeForCausalLM" if self.is_moe else "Qwen3_5ForCausalLM"]
-        d["hidden_act"] = "silu"
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta,
-                                "partial_rotary_factor": self.partial_rotary_factor}
-        return d
-
 
 # ----------------------------------------------------------------------------------------------
-# 2. Linear layers, norms and rotary embedding
-
-class Linear(nn.Linear):
-    """A bias-free nn.Linear, with one CPU-specific fast path for a few rows of fp32 (decoding,
-    verifying drafts). This CPU's BLAS runs 2-16 rows 2-4x slower than one, and one row (GEMV) on a
-    single thread at ~19 GB/s, while W @ x^T with two or more columns uses both threads (~30 GB/s
-    once the weight is out of cache). So few rows go through W @ x^T, a single row padded to two
-    when its weight is large (>= 1M entries). Measured: verifying k drafts costs about one decode
-    step instead of k, and fp32 decoding on the 0.8B shape takes ~95 instead of ~170 ms/token."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        rows = x.shape[:-1].numel()
-        if x.dtype == torch.float32 and x.device.type == "cpu" and rows <= 16 and \
-                (rows > 1 or self.weight.numel() >= 2 ** 20):
-            x2 = x.reshape(rows, -1)
-            x2 = x2.repeat(2, 1) if rows == 1 else x2
-            return (self.weight @ x2.t())[:, :rows].t().reshape(*x.shape[:-1], -1)
-        return F.linear(x, self.weight)
-
+# 2. Norms and rotary embedding
 
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: y = x / rms(x) * (1 + w), in fp32. Qwen3.5 quirk: the weight is
@@ -253,8 +193,8 @@ class KVCache:
         self.k, self.v = k, v
         return k, v
 
-    def crop(self, length):
-        self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+    def drop_last(self, n):
+        self.k, self.v = self.k[:, :, :self.k.shape[2] - n], self.v[:, :, :self.v.shape[2] - n]
 
 
 class Attention(nn.Module):
@@ -264,10 +204,10 @@ class Attention(nn.Module):
         super().__init__()
         H, hd = config.hidden_size, config.head_dim
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        self.q_proj = Linear(H, self.heads * hd * 2)     # query AND output gate
-        self.k_proj = Linear(H, self.kv_heads * hd)
-        self.v_proj = Linear(H, self.kv_heads * hd)
-        self.o_proj = Linear(self.heads * hd, H)
+        self.q_proj = nn.Linear(H, self.heads * hd * 2, bias=False)     # query AND output gate
+        self.k_proj = nn.Linear(H, self.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(H, self.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.heads * hd, H, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
@@ -301,23 +241,25 @@ class Attention(nn.Module):
 def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None):
     """The gated delta rule, one token at a time.
     q, k [B, T, H, dk] (l2-normalised, q already scaled), v [B, T, H, dv], g, beta [B, T, H],
-    initial_state [B, H, dk, dv] or None. Returns o [B, T, H, dv] and final_state [B, H, dk, dv],
-    both fp32."""
+    initial_state [B, H, dk, dv] or None. Returns o [B, T, H, dv] and the state after every token
+    [B, T, H, dk, dv] (the last one is the final state), both fp32."""
     q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
     B, T, H, dk = k.shape
     S = q.new_zeros(B, H, dk, v.shape[-1]) if initial_state is None else initial_state.float()
-    outputs = []
+    outputs, states = [], []
     for t in range(T):
         S = S * g[:, t].exp()[..., None, None]
         predicted = torch.einsum("bhkv,bhk->bhv", S, k[:, t])
         delta = beta[:, t, :, None] * (v[:, t] - predicted)
         S = S + k[:, t, :, :, None] * delta[:, :, None, :]
         outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
-    return torch.stack(outputs, dim=1), S
+        states.append(S)
+    return torch.stack(outputs, dim=1), torch.stack(states, dim=1)
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size=64):
-    """The same map as `recurrent_gated_delta_rule`, chunk by chunk (same arguments and results).
+    """The same map as `recurrent_gated_delta_rule`, chunk by chunk (same arguments; returns o and the
+    final state [B, H, dk, dv] only).
 
     Inside a chunk, with G_i = g_1 + ... + g_i (log decay since the chunk start) and S_0 the state
     entering it, unrolling the recurrence gives for the written deltas u_i (rows of U):
@@ -365,46 +307,6 @@ def l2_normalize(x, eps=1e-6):
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-# Cached steps of at most this many tokens use the recurrent rule (decoding, draft verification);
-# longer ones the chunked rule. Without a cache the chunked rule always runs.
-RECURRENT_MAX_TOKENS = 16
-
-
-class DeltaNetCache:
-    """Decoding state of one Gated DeltaNet layer: the conv window, the last K-1 conv inputs before
-    the activation [B, K-1, C], and the recurrent state [B, Hv, dk, dv] (fp32).
-
-    Unlike a KV cache, a recurrent state cannot be cropped: it has already absorbed every token.
-    To roll back rejected draft tokens we keep what entered the last (short) step, its state and
-    its inputs to the delta rule, and replay the kept prefix. That costs a few tiny recurrent
-    steps at rollback instead of a copy of the state after every token."""
-
-    def __init__(self):
-        self.conv = self.state = None
-        self.last_step = None
-
-    def update(self, conv_in, state, rule_inputs):
-        """conv_in [B, K-1+T, C]: the old window followed by this step's conv inputs."""
-        window = conv_in.shape[1] - rule_inputs[0].shape[1]
-        self.last_step = (self.state, conv_in, rule_inputs) if rule_inputs[0].shape[1] <= RECURRENT_MAX_TOKENS \
-            else None
-        self.conv, self.state = conv_in[:, -window:], state
-
-    def drop_last(self, n):
-        """Forget the last n tokens of the last step, as if they had never been fed."""
-        if n == 0:
-            return
-        if self.last_step is None:
-            raise RuntimeError("a Gated DeltaNet cache can only roll back within its last short step")
-        state, conv_in, rule_inputs = self.last_step
-        keep = rule_inputs[0].shape[1] - n
-        window = conv_in.shape[1] - rule_inputs[0].shape[1]
-        self.conv = conv_in[:, keep:keep + window]
-        self.state = state if keep == 0 else \
-            recurrent_gated_delta_rule(*(t[:, :keep] for t in rule_inputs), initial_state=state)[1]
-        self.last_step = None
-
-
 def causal_conv(x, weight):
     """Depthwise causal conv over time: x [B, K-1+T, C] (the K-1 earlier inputs first), weight
     [C, 1, K] -> [B, T, C]. Written as K shifted multiply-adds in x's layout: 3-10x faster here than
@@ -418,6 +320,42 @@ def causal_conv(x, weight):
     return out
 
 
+# Cached steps of at most this many tokens use the recurrent rule (decoding); longer ones, and every
+# step without a cache, the chunked rule. Steps that may be rolled back always use the recurrent rule.
+RECURRENT_MAX_TOKENS = 16
+
+
+class DeltaNetCache:
+    """Decoding state of one Gated DeltaNet layer: `conv`, the last K-1 conv inputs before the
+    activation [B, K-1, C], and `state`, the recurrent state [B, Hv, dk, dv] (fp32).
+
+    Unlike a KV cache, a recurrent state cannot be cropped: it has already absorbed every token. So a
+    step that may be rolled back (verifying drafts) keeps what undoing it needs: its conv inputs, the
+    state before it and the state after each of its tokens. Rolling back is then a lookup."""
+
+    def __init__(self):
+        self.conv = self.state = None
+        self.undo = None
+
+    def update(self, conv_in, T, state, states=None):
+        """conv_in [B, K-1+T, C]: the old window, then this step's T conv inputs; state: the final state;
+        states [B, T, Hv, dk, dv]: the state after each token, given when the step may be rolled back."""
+        self.undo = None if states is None else (conv_in, self.state, states)
+        self.conv, self.state = conv_in[:, T:], state
+
+    def drop_last(self, n):
+        """Forget the last n tokens of the last step, as if they had never been fed."""
+        if n == 0:
+            return
+        if self.undo is None:
+            raise RuntimeError("a Gated DeltaNet cache can only roll back a step fed with rollback=True")
+        conv_in, before, states = self.undo
+        keep = states.shape[1] - n
+        self.conv = conv_in[:, keep:keep + self.conv.shape[1]]
+        self.state = before if keep == 0 else states[:, keep - 1]
+        self.undo = None
+
+
 class GatedDeltaNet(nn.Module):
     """Linear attention with the gated delta rule. Checkpoint names: `linear_attn.*`."""
 
@@ -429,15 +367,15 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = self.k_heads * self.dk, self.v_heads * self.dv
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.kernel = config.linear_conv_kernel_dim
-        self.in_proj_qkv = Linear(H, self.conv_dim)          # rows: q, k, v
-        self.in_proj_z = Linear(H, self.value_dim)           # output gate
-        self.in_proj_b = Linear(H, self.v_heads)             # write strength beta
-        self.in_proj_a = Linear(H, self.v_heads)             # decay rate
+        self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)        # rows: q, k, v
+        self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)         # output gate
+        self.in_proj_b = nn.Linear(H, self.v_heads, bias=False)           # write strength beta
+        self.in_proj_a = nn.Linear(H, self.v_heads, bias=False)           # decay rate
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.v_heads))
         self.A_log = nn.Parameter(torch.zeros(self.v_heads))
         self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
-        self.out_proj = Linear(self.value_dim, H)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
 
     def forward(self, x, step, cache=None):
         B, T, _ = x.shape
@@ -448,7 +386,7 @@ class GatedDeltaNet(nn.Module):
         window = cache.conv if cache is not None and cache.conv is not None else \
             qkv.new_zeros(B, self.kernel - 1, self.conv_dim)
         conv_in = torch.cat([window, qkv], dim=1)                            # [B, K-1+T, C]
-        qkv = F.silu(causal_conv(conv_in, self.conv1d.weight))                 # [B, T, C]
+        qkv = F.silu(causal_conv(conv_in, self.conv1d.weight))               # [B, T, C]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = q.reshape(B, T, self.k_heads, self.dk), k.reshape(B, T, self.k_heads, self.dk)
         v = v.reshape(B, T, self.v_heads, self.dv)
@@ -461,11 +399,13 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(self.in_proj_b(x)).float()                     # [B, T, Hv]
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)   # log decay
         state = cache.state if cache is not None else None
-        short = cache is not None and T <= RECURRENT_MAX_TOKENS
-        rule = recurrent_gated_delta_rule if short else chunked_gated_delta_rule
-        o, state = rule(q, k, v, g, beta, initial_state=state)
+        if cache is None or (T > RECURRENT_MAX_TOKENS and not step.rollback):
+            o, state = chunked_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+        else:
+            o, states = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+            state = states[:, -1]
         if cache is not None:
-            cache.update(conv_in, state, (q, k, v, g, beta))
+            cache.update(conv_in, T, state, states if step.rollback else None)
         z = self.in_proj_z(x).view(B, T, self.v_heads, self.dv)
         o = self.norm(o.to(x.dtype), z)                                      # per value head
         return self.out_proj(o.reshape(B, T, self.value_dim))
@@ -479,9 +419,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size, intermediate_size):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size)
-        self.up_proj = Linear(hidden_size, intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -523,10 +463,10 @@ class SparseMoE(nn.Module):
         super().__init__()
         H = config.hidden_size
         self.top_k = config.num_experts_per_tok
-        self.gate = Linear(H, config.num_experts)           # the router
+        self.gate = nn.Linear(H, config.num_experts, bias=False)           # the router
         self.experts = Experts(config)
         self.shared_expert = MLP(H, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = Linear(H, 1)
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False)
 
     def forward(self, x):
         shape = x.shape
@@ -551,9 +491,10 @@ class Step:
     attn_mask: torch.Tensor = None   # bool [B, 1, T, S], True = may attend; None with is_causal
     is_causal: bool = False
     pad_mask: torch.Tensor = None    # [B, T, 1] 1.0 for real tokens, 0.0 for padding; None = no padding
+    rollback: bool = False           # keep what undoing this step's tokens needs (verifying drafts)
 
 
-def make_step(valid, past_valid, config, dtype):
+def make_step(valid, past_valid, config, dtype, rollback=False):
     """valid [B, T] bool: real tokens of this step; past_valid [B, P] bool: the cached ones.
     Positions count real tokens only, so a left-padded row computes exactly as an unpadded one."""
     B, T = valid.shape
@@ -563,16 +504,16 @@ def make_step(valid, past_valid, config, dtype):
     keys = torch.cat([past, valid], dim=1)                                 # [B, S]
     if keys.all():
         if past.shape[1] == 0:
-            return Step(cos, sin, is_causal=T > 1)
+            return Step(cos, sin, is_causal=T > 1, rollback=rollback)
         if T == 1:
-            return Step(cos, sin)
+            return Step(cos, sin, rollback=rollback)
     P, S = past.shape[1], keys.shape[1]
     query_at = torch.arange(P, S, device=valid.device)[:, None]            # absolute index of each query
     key_at = torch.arange(S, device=valid.device)[None, :]
     # attend to earlier real tokens; and always to itself, so a padding row stays finite
     allowed = ((key_at <= query_at) & keys[:, None, :]) | (key_at == query_at)
     pad_mask = None if valid.all() else valid[..., None].to(dtype)
-    return Step(cos, sin, attn_mask=allowed[:, None], pad_mask=pad_mask)
+    return Step(cos, sin, attn_mask=allowed[:, None], pad_mask=pad_mask, rollback=rollback)
 
 
 class DecoderLayer(nn.Module):
@@ -606,20 +547,17 @@ class Cache:
     def __len__(self):
         return 0 if self.valid is None else self.valid.shape[1]
 
-    def step(self, valid, config, dtype):
+    def step(self, valid, config, dtype, rollback=False):
         """The Step for feeding `valid.shape[1]` more tokens; records them as cached."""
-        step = make_step(valid, self.valid, config, dtype)
+        step = make_step(valid, self.valid, config, dtype, rollback)
         self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
         return step
 
     def crop(self, length):
-        """Forget every token after the first `length` (the DeltaNet layers: within the last step)."""
-        drop = len(self) - length
+        """Forget every token after the first `length` (the DeltaNet layers: within the last step,
+        which must have been fed with rollback=True)."""
         for layer in self.layers:
-            if isinstance(layer, KVCache):
-                layer.crop(length)
-            else:
-                layer.drop_last(drop)
+            layer.drop_last(len(self) - length)
         self.valid = self.valid[:, :length]
 
 
@@ -633,12 +571,13 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, t) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, valid=None, cache=None, hidden_states=None):
-        """input_ids [B, T] -> post-norm hidden states [B, T, H]. `hidden_states`, a list, if given
-        collects the embeddings and every layer's output (before the final norm)."""
+    def forward(self, input_ids, valid=None, cache=None, hidden_states=None, rollback=False):
+        """input_ids [B, T] -> post-norm hidden states [B, T, H]. valid [B, T] bool marks real tokens
+        (None: all). `hidden_states`, a list, if given collects the embeddings and every layer's output
+        (before the final norm). rollback: this cached step may be undone by cache.crop."""
         x = self.embed_tokens(input_ids)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
-        step = cache.step(valid, self.config, x.dtype) if cache is not None else \
+        step = cache.step(valid, self.config, x.dtype, rollback) if cache is not None else \
             make_step(valid, None, self.config, x.dtype)
         if hidden_states is not None:
             hidden_states.append(x)
@@ -659,7 +598,7 @@ class MTPHead(nn.Module):
         self.config = config
         self.pre_fc_norm_embedding = RMSNorm(H, config.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(H, config.rms_norm_eps)
-        self.fc = Linear(2 * H, H)
+        self.fc = nn.Linear(2 * H, H, bias=False)
         self.layers = nn.ModuleList(DecoderLayer(config, "full_attention")
                                     for _ in range(config.mtp_num_hidden_layers))
         self.norm = RMSNorm(H, config.rms_norm_eps)
@@ -704,7 +643,7 @@ class Qwen35(nn.Module):
         super().__init__()
         self.config = config
         self.model = TextModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTPHead(config) if config.mtp_num_hidden_layers > 0 else None
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
@@ -735,7 +674,7 @@ class Qwen35(nn.Module):
     def forward(self, input_ids, labels=None, attention_mask=None, mtp=True, mtp_depth=1,
                 output_hidden_states=False):
         """input_ids [B, T]; labels [B, T] unshifted, -100 ignored; attention_mask [B, T] 1/0 (left
-        padding). mtp_depth D > 1 chains the head D times, as drafting does (depth d predicts t+d+1)."""
+        padding). mtp_depth D > 1 chains the head D times (depth d predicts token t+d+1), see mtp_logits."""
         T = input_ids.shape[1]
         valid = None if attention_mask is None else attention_mask.bool()
         hidden_states = [] if output_hidden_states else None
@@ -760,7 +699,8 @@ class Qwen35(nn.Module):
     def mtp_logits(self, input_ids, hidden, valid, depth):
         """Depth d (1..D): row t fuses h_t^(d-1) (h^(0) = main hidden state, then the head's own
         post-norm output) with the embedding of token t+d. Each depth attends causally over its own
-        rows, reusing layer (d-1) % mtp_num_hidden_layers."""
+        rows, reusing layer (d-1) % mtp_num_hidden_layers (the Megatron / DeepSeek-V3 training form).
+        Drafting chains the same way but attends over depth-1 rows of the context (see `draft`)."""
         T = input_ids.shape[1]
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
         embeds = self.model.embed_tokens(input_ids)
@@ -772,431 +712,205 @@ class Qwen35(nn.Module):
             per_depth.append(self.lm_head(h))
         return per_depth
 
-    # ------------------------------------------------------------------------------------------
-    # 8. Generation and speculative decoding
 
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, draft_tokens=0,
-                 attention_mask=None, eos_token_id=None, generator=None, stream=None, draft_vocab_size=None):
-        """Decode up to max_new_tokens after input_ids [B, T] (left-padded rows: attention_mask).
-        temperature 0 is greedy. draft_tokens = k > 0 drafts k tokens per step with the MTP head and
-        verifies them in one main-model forward of k+1 tokens: the output is exactly that of plain
-        decoding (greedy), or has exactly its distribution (sampling).
-        stream, if given, is called with each batch of final new tokens [B, n] as they come.
-        draft_vocab_size = N drafts among token ids < N only: each draft then reads N rows of lm_head
-        instead of all V (byte-level BPE ids are merge ranks, so low ids are the frequent tokens). The
-        output is unchanged, since drafts are only proposals; acceptance may drop.
-        Returns ids [B, T + n] and stats {drafted, accepted, main_forwards (after the prefill),
-        drafted_at, accepted_at (per draft position)}."""
-        self.check_generate_args(input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask,
-                                 draft_vocab_size)
-        valid = None if attention_mask is None else attention_mask.bool()
-        eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).long().view(-1)
-        stats = dict(drafted=0, accepted=0, main_forwards=0,
-                     drafted_at=[0] * draft_tokens, accepted_at=[0] * draft_tokens)
-        sampling = (temperature, top_p, generator)
-        if max_new_tokens == 0:
-            return input_ids, stats
-        stream = stream or (lambda tokens: None)
-        if draft_tokens:
-            new = self.speculative_decode(input_ids, valid, max_new_tokens, draft_tokens, sampling, eos, stats,
-                                          stream, draft_vocab_size or self.config.vocab_size)
-        else:
-            new = self.decode(input_ids, valid, max_new_tokens, sampling, eos, stats, stream)
-        return torch.cat([input_ids, new], dim=1), stats
+# ----------------------------------------------------------------------------------------------
+# 8. Generation and speculative decoding
 
-    def check_generate_args(self, input_ids, max_new_tokens, temperature, top_p, draft_tokens, attention_mask,
-                            draft_vocab_size=None):
-        V = self.config.vocab_size
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor; got shape {tuple(input_ids.shape)}")
-        if input_ids.min() < 0 or input_ids.max() >= V:
-            raise ValueError(f"token ids must lie in [0, {V}); got min {input_ids.min().item()}, "
-                             f"max {input_ids.max().item()}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                             f"{tuple(input_ids.shape)}")
-        if attention_mask is not None and not attention_mask.bool()[:, -1].all():
-            raise ValueError("attention_mask: every row's last token must be real (use left padding)")
-        if max_new_tokens < 0 or draft_tokens < 0:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) and draft_tokens ({draft_tokens}) "
-                             "must be >= 0")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
-        if draft_tokens and self.mtp is None:
-            raise ValueError("draft_tokens > 0 needs an MTP head, and this checkpoint has none "
-                             "(no mtp.* tensors)")
-        if draft_tokens and len(self.mtp.layers) != 1:
-            raise ValueError(f"speculative decoding drives one MTP layer (as every Qwen3.5 checkpoint "
-                             f"has); this model has {len(self.mtp.layers)}")
-        if draft_vocab_size is not None and not 0 < draft_vocab_size <= V:
-            raise ValueError(f"draft_vocab_size must be in 1..{V}; got {draft_vocab_size}")
-        if draft_tokens and input_ids.shape[0] != 1:
-            raise ValueError(f"speculative decoding (draft_tokens > 0) supports batch size 1; got "
-                             f"{input_ids.shape[0]}. Use draft_tokens=0 for batches.")
-
-    def decode(self, input_ids, valid, max_new_tokens, sampling, eos, stats, stream):
-        """Plain decoding: one main-model forward per token. Finished rows repeat their EOS."""
-        cache = Cache(self.config.layer_types)
-        hidden = self.model(input_ids, valid, cache)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = []
-        while True:
-            token = pick(self.lm_head(hidden[:, -1]), *sampling)
-            if new:
-                token = torch.where(finished, new[-1], token)
-            new.append(token)
-            stream(token[:, None])
-            finished |= torch.isin(token, eos)
-            if len(new) == max_new_tokens or finished.all():
-                return torch.stack(new, dim=1)
-            hidden = self.model(token[:, None], None, cache)
-            stats["main_forwards"] += 1
-
-    def speculative_decode(self, input_ids, valid, max_new_tokens, k, sampling, eos, stats, stream, draft_vocab):
-        """Draft with MTP, verify with the main model, keep the agreeing prefix (batch 1)."""
-        cache, mtp_cache = Cache(self.config.layer_types), Cache(["full_attention"])
-        hidden = self.model(input_ids, valid, cache)
-        token = pick(self.lm_head(hidden[:, -1]), *sampling)
-        stream(token[:, None])
-        new = [token]                                       # [1] tensors, then blocks of kept tokens
-        # MTP rows not yet in its cache: (h_t, x_{t+1}) for every t whose next token is known.
-        # At prefill that is the whole prompt, so the head drafts with the prompt as context.
-        pending_hidden, pending_next = hidden, torch.cat([input_ids[:, 1:], token[:, None]], dim=1)
-        pending_valid = None if valid is None else valid & torch.cat([valid[:, 1:], valid[:, -1:]], dim=1)
-        produced = 1
-        while produced < max_new_tokens and not torch.isin(token, eos).any():
-            n = min(k, max_new_tokens - produced - 1)      # never draft past the budget
-            drafts, draft_probs = self.draft(pending_hidden, pending_next, pending_valid, mtp_cache, n, sampling,
-                                             draft_vocab)
-            block = torch.cat([token] + drafts)[None]       # [1, n+1]: last token, then the drafts
-            hidden = self.model(block, None, cache)
-            stats["main_forwards"] += 1
-            accepted, token = verify_drafts(drafts, draft_probs, self.lm_head(hidden[0]), *sampling)
-            cache.crop(len(cache) - (n - accepted))        # roll back the rejected drafts
-            stats["drafted"] += n
-            stats["accepted"] += accepted
-            for i in range(n):
-                stats["drafted_at"][i] += 1
-                stats["accepted_at"][i] += i < accepted
-            kept = torch.cat(drafts[:accepted] + [token])
-            if (ends := torch.isin(kept, eos).nonzero()).numel():
-                kept = token = kept[:ends[0, 0] + 1]        # stop at the first EOS
-            new.append(kept)
-            stream(kept[None])
-            produced += len(kept)
-            pending_hidden, pending_next, pending_valid = hidden[:, :accepted + 1], kept[None], None
-        return torch.cat(new)[None]
-
-    def draft(self, hidden, next_tokens, valid, mtp_cache, n, sampling, vocab):
-        """Add the MTP rows (hidden_t, next_t) to the head's cache, then draft n tokens. Draft i > 0
-        feeds back the head's own post-norm output with draft i-1, one position later (as vLLM does);
-        those chained rows are dropped from the cache afterwards, since the verified rows replace them.
-        Drafts come from the first `vocab` rows of lm_head (a view, no copy).
-        Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from."""
-        if n == 0:
-            return [], []
-        embed = self.model.embed_tokens
-        if valid is None:
-            valid = torch.ones(next_tokens.shape, dtype=torch.bool, device=next_tokens.device)
-        h = self.mtp(hidden, embed(next_tokens), valid, mtp_cache)[:, -1:]
-        committed = len(mtp_cache)
-        head = self.lm_head.weight[:vocab]
-        drafts, probs = [], []
-        temperature, top_p, _ = sampling
-        for i in range(n):
-            logits = F.linear(h[:, -1], head)
-            drafts.append(pick(logits, *sampling))
-            if temperature > 0:   # q over the whole vocabulary, zero beyond the draft vocabulary
-                probs.append(F.pad(token_probs(logits, temperature, top_p)[0], (0, self.config.vocab_size - vocab)))
-            if i + 1 < n:
-                h = self.mtp(h, embed(drafts[-1][:, None]), valid[:, -1:], mtp_cache)
-        mtp_cache.crop(committed)
-        return drafts, probs
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: the argmax at temperature 0, else a sample from
+    softmax(logits / temperature) restricted to the top_p nucleus."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator = None
 
 
-def token_probs(logits, temperature, top_p):
+def token_probs(logits, sampling):
     """Sampling distribution [.., V] (fp32): softmax(logits / temperature), restricted to the smallest
     set of tokens whose probability reaches top_p (the nucleus), renormalised."""
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
+    probs = F.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p      # mass before it already >= top_p
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p   # mass before it already >= top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
-def pick(logits, temperature, top_p, generator):
+def pick(logits, sampling):
     """Next tokens [B] from logits [B, V]: the argmax at temperature 0, else a sample."""
-    if temperature == 0:
+    if sampling.temperature == 0:
         return logits.argmax(-1)
-    return torch.multinomial(token_probs(logits, temperature, top_p), 1, generator=generator)[:, 0]
+    return torch.multinomial(token_probs(logits, sampling), 1, generator=sampling.generator)[:, 0]
 
 
-def verify_drafts(drafts, draft_probs, logits, temperature, top_p, generator):
+def verify_drafts(drafts, draft_probs, logits, sampling):
     """Accept a prefix of the n drafts given the main model's logits [n+1, V] at the block
     [last token, drafts...]. Returns (accepted count a, the token after the accepted drafts [1]).
     Greedy: accept while each draft is the argmax. Sampling: accept draft i with probability
     min(1, p_i(d)/q_i(d)); at the first rejection sample from the residual max(0, p_i - q_i),
     renormalised; if all pass, sample from p_n. This leaves the output distributed exactly as p."""
-    if temperature == 0:
+    if sampling.temperature == 0:
         target = logits.argmax(-1)
         a = 0
         while a < len(drafts) and drafts[a].item() == target[a].item():
             a += 1
         return a, target[a:a + 1]
-    p = token_probs(logits, temperature, top_p)
+    p = token_probs(logits, sampling)
     for i, (d, q) in enumerate(zip(drafts, draft_probs)):
-        if torch.rand(1, generator=generator, device=q.device) * q[d] < p[i, d]:
+        if torch.rand(1, generator=sampling.generator, device=q.device) * q[d] < p[i, d]:
             continue
         residual = (p[i] - q).clamp(min=0)
         residual = residual if residual.sum() > 0 else p[i]
-        return i, torch.multinomial(residual / residual.sum(), 1, generator=generator)
-    return len(drafts), torch.multinomial(p[-1], 1, generator=generator)
+        return i, torch.multinomial(residual / residual.sum(), 1, generator=sampling.generator)
+    return len(drafts), torch.multinomial(p[-1], 1, generator=sampling.generator)
 
 
-# ----------------------------------------------------------------------------------------------
-# 9. Checkpoints in the official layout (safetensors, written and read with the standard library)
-#
-# A safetensors file is an 8-byte little-endian header length, a JSON header mapping each name to
-# its dtype, shape and byte range, then the raw bytes. load.py reads any official checkpoint with
-# the safetensors package; these two functions only serve the demo below.
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def save_safetensors(tensors, path):
-    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
-    for name, t in tensors.items():
-        blob = t.detach().cpu().contiguous().view(torch.uint8).flatten().numpy().tobytes()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)                      # keep the tensor data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for blob in blobs:
-            f.write(blob)
+def decode(model, input_ids, valid, max_new_tokens, sampling, eos, stats, stream):
+    """Plain decoding: one main-model forward per token. Finished rows repeat their EOS."""
+    cache = Cache(model.config.layer_types)
+    hidden = model.model(input_ids, valid, cache)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new = []
+    while True:
+        token = pick(model.lm_head(hidden[:, -1]), sampling)
+        if new:
+            token = torch.where(finished, new[-1], token)
+        new.append(token)
+        stream(token[:, None])
+        finished |= torch.isin(token, eos)
+        if len(new) == max_new_tokens or finished.all():
+            return torch.stack(new, dim=1)
+        hidden = model.model(token[:, None], None, cache)
+        stats["main_forwards"] += 1
 
 
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    header.pop("__metadata__", None)
-    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    raw = torch.frombuffer(bytearray(data[8 + n:]), dtype=torch.uint8)
-    return {name: raw[a:b].view(dtypes[info["dtype"]]).reshape(info["shape"])
-            for name, info in header.items() for a, b in [info["data_offsets"]]}
+def draft(model, hidden, next_tokens, valid, mtp_cache, n, sampling, vocab):
+    """Add the MTP rows (hidden_t, next_t) to the head's cache, then draft n tokens. Draft i > 0
+    feeds back the head's own post-norm output with draft i-1, one position later (as vLLM does);
+    those chained rows are dropped from the cache afterwards, since the verified rows replace them.
+    Drafts come from the first `vocab` rows of lm_head (a view, no copy).
+    Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from."""
+    if n == 0:
+        return [], []
+    embed = model.model.embed_tokens
+    if valid is None:
+        valid = torch.ones(next_tokens.shape, dtype=torch.bool, device=next_tokens.device)
+    h = model.mtp(hidden, embed(next_tokens), valid, mtp_cache)[:, -1:]
+    committed = len(mtp_cache)
+    head = model.lm_head.weight[:vocab]
+    drafts, probs = [], []
+    for i in range(n):
+        logits = F.linear(h[:, -1], head)
+        drafts.append(pick(logits, sampling))
+        if sampling.temperature > 0:   # q over the whole vocabulary, zero beyond the draft vocabulary
+            probs.append(F.pad(token_probs(logits, sampling)[0], (0, model.config.vocab_size - vocab)))
+        if i + 1 < n:
+            h = model.mtp(h, embed(drafts[-1][:, None]), valid[:, -1:], mtp_cache)
+    mtp_cache.crop(committed)
+    return drafts, probs
 
 
-def save_checkpoint(model, directory):
-    """config.json (flat text config) + model.safetensors with `model.*`, `lm_head.weight` (untied
-    only) and `mtp.*`: loadable by load.py and by transformers' Qwen3_5ForCausalLM."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(model.config.to_hf(), f, indent=2)
-    tensors = {name: p for name, p in model.state_dict().items()
-               if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
-    save_safetensors(tensors, os.path.join(directory, "model.safetensors"))
+def speculative_decode(model, input_ids, valid, max_new_tokens, k, sampling, eos, stats, stream, vocab):
+    """Draft k tokens with MTP, verify them in one main-model forward of k+1 tokens, keep the agreeing
+    prefix and roll the caches back past the rest (batch 1).
+
+    The MTP head's cache holds one row (h_t, x_{t+1}) for each position t whose next token is final;
+    rows whose inputs are known but not yet fed wait as `pending`. One round, with x_{t+1} the last
+    token kept so far:
+        before     MTP cache: rows 1 .. t-1            pending: (h_t, x_{t+1})
+        draft      feed (h_t, x_{t+1}) -> d_1; then (o_1, d_1) -> d_2, (o_2, d_2) -> d_3, ...
+                   (o_i: the head's own output; these chained rows are dropped again)
+        verify     backbone on [x_{t+1}, d_1 .. d_n] -> h_{t+1} .. h_{t+n+1}; a drafts accepted,
+                   then y, the main model's own token after them
+        after      MTP cache: rows 1 .. t              pending: (h_{t+1}, d_1) .. (h_{t+a}, d_a), (h_{t+a+1}, y)
+    The backbone cache drops the n - a rejected drafts (DeltaNet layers included, see DeltaNetCache)."""
+    cache, mtp_cache = Cache(model.config.layer_types), Cache(["full_attention"])
+    hidden = model.model(input_ids, valid, cache)
+    token = pick(model.lm_head(hidden[:, -1]), sampling)
+    stream(token[:, None])
+    new = [token]                                       # [1] tensors, then blocks of kept tokens
+    # At prefill the pending rows are the whole prompt, so the head drafts with the prompt as context.
+    pending_hidden, pending_next = hidden, torch.cat([input_ids[:, 1:], token[:, None]], dim=1)
+    pending_valid = None if valid is None else valid & torch.cat([valid[:, 1:], valid[:, -1:]], dim=1)
+    produced = 1
+    while produced < max_new_tokens and not torch.isin(token, eos).any():
+        n = min(k, max_new_tokens - produced - 1)      # never draft past the budget
+        drafts, draft_probs = draft(model, pending_hidden, pending_next, pending_valid, mtp_cache, n, sampling,
+                                    vocab)
+        block = torch.cat([token] + drafts)[None]       # [1, n+1]: last token, then the drafts
+        hidden = model.model(block, None, cache, rollback=True)
+        stats["main_forwards"] += 1
+        accepted, token = verify_drafts(drafts, draft_probs, model.lm_head(hidden[0]), sampling)
+        cache.crop(len(cache) - (n - accepted))        # roll back the rejected drafts
+        stats["drafted"] += n
+        stats["accepted"] += accepted
+        for i in range(n):
+            stats["drafted_at"][i] += 1
+            stats["accepted_at"][i] += i < accepted
+        kept = torch.cat(drafts[:accepted] + [token])
+        if (ends := torch.isin(kept, eos).nonzero()).numel():
+            kept = token = kept[:ends[0, 0] + 1]        # stop at the first EOS
+        new.append(kept)
+        stream(kept[None])
+        produced += len(kept)
+        pending_hidden, pending_next, pending_valid = hidden[:, :accepted + 1], kept[None], None
+    return torch.cat(new)[None]
 
 
-def load_demo_checkpoint(directory):
-    """Read back a checkpoint written by save_checkpoint (use load.py for official checkpoints)."""
-    with open(os.path.join(directory, "config.json")) as f:
-        config = Qwen35Config.from_hf(json.load(f))
-    tensors = read_safetensors(os.path.join(directory, "model.safetensors"))
-    has_mtp = any(name.startswith("mtp.") for name in tensors)
-    model = Qwen35(config if has_mtp else replace(config, mtp_num_hidden_layers=0))
-    if config.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    model.load_state_dict(tensors)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
-# 10. The demo: train a small Qwen3.5 with its MTP head from scratch, then decode with MTP drafts
-#
-# Data: the Python standard library's own source files, as bytes (vocab 256, no tokenizer), which
-# every machine has offline. Every 20th file is held out for evaluation and prompts.
-
-DEMO_SIZES = {   # the rest of the shape is in demo_config
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384),
-    "small": dict(hidden_size=192, num_hidden_layers=4, intermediate_size=576),
-    "medium": dict(hidden_size=320, num_hidden_layers=6, intermediate_size=960),
-}
-
-
-def demo_config(size="medium", **overrides):
-    sizes = dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
-                 linear_value_head_dim=32, tie_word_embeddings=True, mtp_num_hidden_layers=1)
-    return Qwen35Config(**{**sizes, **DEMO_SIZES[size], **overrides})
-
-
-def stdlib_corpus(every=20):
-    """(train bytes, held-out bytes) of the standard library's top-level .py files, as uint8."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    text = [open(f, "rb").read() for f in files]
-    held_out = b"".join(t for i, t in enumerate(text) if i % every == 0)
-    train = b"".join(t for i, t in enumerate(text) if i % every != 0)
-    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).long()
-    return as_tensor(train), as_tensor(held_out)
-
-
-def random_windows(data, batch_size, length, generator):
-    starts = torch.randint(0, len(data) - length, (batch_size,), generator=generator)
-    return torch.stack([data[s:s + length] for s in starts.tolist()])
-
-
-def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=1, freeze_backbone=False,
-          seed=0, time_budget=None, precision="bf16", log=print, log_every=10):
-    """AdamW with linear warmup and cosine decay, gradient clipping at 1.0, on the model's own loss
-    (lm_loss + mtp_loss_weight * mtp_loss). freeze_backbone trains only mtp.* on mtp_loss, the way
-    an MTP head is added to an existing model. Returns the logged rows."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("mtp.") or not freeze_backbone)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]   # norms, gates
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model.train()
-    history, start, tokens = [], time.time(), 0
-    for step in range(steps):
-        x = random_windows(data, batch_size, seq_len, generator)
-        # bf16 autocast runs the matrix products (the DeltaNet's included) in bf16 while weights and
-        # AdamW state stay fp32: 2.5x faster per step on a CPU with bf16 units (0.36 s vs 0.9 s here)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(x, labels=x, mtp_depth=mtp_depth)
-        loss = out.mtp_loss if freeze_backbone else out.loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        tokens += x.numel()
-        elapsed = time.time() - start
-        if step % log_every == 0 or step == steps - 1:
-            row = dict(step=step, lm_loss=out.lm_loss.item(), mtp_losses=[l.item() for l in out.mtp_losses],
-                       tokens_per_s=tokens / elapsed, eta_s=elapsed / (step + 1) * (steps - step - 1))
-            history.append(row)
-            log(f"step {step:4d}/{steps}  lm {row['lm_loss']:.3f}  mtp "
-                + " ".join(f"{l:.3f}" for l in row["mtp_losses"])
-                + f"  {row['tokens_per_s']:,.0f} tok/s  {row['eta_s']:.0f}s left")
-        if time_budget is not None and elapsed > time_budget:
-            log(f"time budget of {time_budget}s reached after {step + 1} steps")
-            break
-    model.eval()
-    return history
+def check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens, attention_mask,
+                        draft_vocab_size):
+    V = model.config.vocab_size
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor; got shape {tuple(input_ids.shape)}")
+    if input_ids.min() < 0 or input_ids.max() >= V:
+        raise ValueError(f"token ids must lie in [0, {V}); got min {input_ids.min().item()}, "
+                         f"max {input_ids.max().item()}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask is not None and not attention_mask.bool()[:, -1].all():
+        raise ValueError("attention_mask: every row's last token must be real (use left padding)")
+    if max_new_tokens < 0 or draft_tokens < 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and draft_tokens ({draft_tokens}) must be >= 0")
+    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {sampling.temperature}, {sampling.top_p}")
+    if draft_tokens and model.mtp is None:
+        raise ValueError("draft_tokens > 0 needs an MTP head, and this checkpoint has none (no mtp.* tensors)")
+    if draft_tokens and len(model.mtp.layers) != 1:
+        raise ValueError(f"speculative decoding drives one MTP layer (as every Qwen3.5 checkpoint has); this "
+                         f"model has {len(model.mtp.layers)}")
+    if draft_vocab_size is not None and not 0 < draft_vocab_size <= V:
+        raise ValueError(f"draft_vocab_size must be in 1..{V}; got {draft_vocab_size}")
+    if draft_tokens and input_ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding (draft_tokens > 0) supports batch size 1; got {input_ids.shape[0]}. "
+                         "Use draft_tokens=0 for batches.")
 
 
 @torch.no_grad()
-def evaluate(model, data, *, seq_len=256, batches=4, batch_size=16, mtp_depth=1):
-    """Mean held-out lm_loss and per-depth mtp losses over fixed, evenly spaced windows."""
-    starts = torch.linspace(0, len(data) - seq_len - 1, batches * batch_size).long()
-    windows = torch.stack([data[s:s + seq_len] for s in starts.tolist()]).split(batch_size)
-    outs = [model(x, labels=x, mtp_depth=mtp_depth) for x in windows]
-    lm = sum(o.lm_loss.item() for o in outs) / len(outs)
-    mtp = [sum(o.mtp_losses[d].item() for o in outs) / len(outs) for d in range(len(outs[0].mtp_losses))]
-    return lm, mtp
-
-
-def compare_decoding(model, prompt, new_tokens, draft_counts=(1, 2, 3), log=print):
-    """Greedy-decode the same prompt plainly and with k MTP drafts; check the outputs agree and
-    report acceptance and speed. Returns {k: (tokens per second, stats)} with k = 0 for plain."""
-    def timed(k, runs=3):
-        model.generate(prompt, 8, draft_tokens=k)                      # warm up
-        seconds = []
-        for _ in range(runs):                                          # the median of 3: less noise
-            start = time.perf_counter()
-            ids, stats = model.generate(prompt, new_tokens, draft_tokens=k)
-            seconds.append(time.perf_counter() - start)
-        return ids, (ids.shape[1] - prompt.shape[1]) / sorted(seconds)[runs // 2], stats
-    plain, plain_speed, _ = timed(0)
-    results = {0: (plain_speed, None)}
-    log(f"plain greedy: {plain_speed:.1f} tokens/s")
-    for k in draft_counts:
-        ids, speed, stats = timed(k)
-        if not torch.equal(ids, plain):
-            raise AssertionError(f"speculative decoding with k={k} changed the output")
-        per_position = [a / max(d, 1) for a, d in zip(stats["accepted_at"], stats["drafted_at"])]
-        mean_accepted = stats["accepted"] / stats["main_forwards"]
-        log(f"k={k}: identical output; acceptance per draft position "
-            + " ".join(f"{r:.2f}" for r in per_position)
-            + f"; {mean_accepted:.2f} drafts accepted per verification; {speed:.1f} tokens/s, "
-            f"speedup {speed / plain_speed:.2f}x")
-        results[k] = (speed, stats)
-    return results, plain
-
-
-def demo_prompt(held_out, length=200):
-    """A held-out prompt [1, length] that ends at the start of a method, so the continuation is code."""
-    text = bytes(held_out[:200_000].tolist())
-    end = text.find(b"\n    def ", len(text) // 3) + len(b"\n    def ")
-    return held_out[end - length:end][None]
-
-
-def add_mtp_head(model):
-    """Give a backbone without MTP weights a freshly initialised MTP head."""
-    model.config = replace(model.config, mtp_num_hidden_layers=1)
-    model.mtp = MTPHead(model.config)
-    model.mtp.apply(model._init_weights)
-    return model
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train a small Qwen3.5 with its MTP head on the Python "
-                                     "standard library's source (bytes), then decode with MTP drafts.")
-    parser.add_argument("--size", choices=list(DEMO_SIZES), default="medium")
-    parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--mtp-loss-weight", type=float, default=0.3)
-    parser.add_argument("--mtp-depth", type=int, default=1, help="chain the MTP head D times in training")
-    parser.add_argument("--freeze-backbone", action="store_true", help="train only the MTP head")
-    parser.add_argument("--init", help="start from a checkpoint saved by this demo")
-    parser.add_argument("--time-budget", type=float, help="stop training after this many seconds")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="bf16: autocast matrix products in training (weights stay fp32)")
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/demo", help="checkpoint directory")
-    args = parser.parse_args(argv)
-
-    torch.manual_seed(args.seed)
-    train_data, held_out = stdlib_corpus()
-    print(f"data: {len(train_data):,} training bytes, {len(held_out):,} held-out bytes (Python stdlib)")
-    if args.init:
-        model = load_demo_checkpoint(args.init)
-        model = model if model.mtp is not None else add_mtp_head(model)
+def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, generator=None, draft_tokens=0,
+             draft_vocab_size=None, attention_mask=None, eos_token_id=None, stream=None):
+    """Decode up to max_new_tokens after input_ids [B, T] (left-padded rows: attention_mask).
+    temperature 0 is greedy. draft_tokens = k > 0 drafts k tokens per step with the MTP head and
+    verifies them in one main-model forward of k+1 tokens: the output is exactly that of plain
+    decoding (greedy), or has exactly its distribution (sampling).
+    stream, if given, is called with each batch of final new tokens [B, n] as they come.
+    draft_vocab_size = N drafts among token ids < N only: each draft then reads N rows of lm_head
+    instead of all V (byte-level BPE ids are merge ranks, so low ids are the frequent tokens). The
+    output is unchanged, since drafts are only proposals; acceptance may drop.
+    Returns ids [B, T + n] and stats {drafted, accepted, main_forwards (after the prefill),
+    drafted_at, accepted_at (per draft position)}."""
+    sampling = Sampling(temperature, top_p, generator)
+    check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens, attention_mask, draft_vocab_size)
+    valid = None if attention_mask is None else attention_mask.bool()
+    eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).long().view(-1)
+    stats = dict(drafted=0, accepted=0, main_forwards=0, drafted_at=[0] * draft_tokens, accepted_at=[0] * draft_tokens)
+    if max_new_tokens == 0:
+        return input_ids, stats
+    stream = stream or (lambda tokens: None)
+    if draft_tokens:
+        new = speculative_decode(model, input_ids, valid, max_new_tokens, draft_tokens, sampling, eos, stats, stream,
+                                 draft_vocab_size or model.config.vocab_size)
     else:
-        model = Qwen35(demo_config(args.size))
-    model.config.mtp_loss_weight = args.mtp_loss_weight
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, layers {model.config.layer_types}")
-    train(model, train_data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-          mtp_depth=args.mtp_depth, freeze_backbone=args.freeze_backbone, seed=args.seed,
-          time_budget=args.time_budget, precision=args.precision)
-    lm, mtp = evaluate(model, held_out, seq_len=args.seq_len, mtp_depth=args.mtp_depth)
-    print(f"held-out: lm loss {lm:.3f}, mtp loss " + " ".join(f"{l:.3f}" for l in mtp)
-          + " (nats per byte; depth 1 first)")
-    save_checkpoint(model, args.out)
-    print(f"saved {args.out}/config.json and model.safetensors")
-    prompt = demo_prompt(held_out)
-    print(f"prompt (held-out): {bytes(prompt[0].tolist()).decode(errors='replace')!r}")
-    _, ids = compare_decoding(model, prompt, args.new_tokens)
-    print("continuation:\n" + bytes(ids[0, prompt.shape[1]:].tolist()).decode(errors="replace"))
-
-
-if __name__ == "__main__":
-    main()
+        new = decode(model, input_ids, valid, max_new_tokens, sampling, eos, stats, stream)
+    return torch.cat([input_ids, new], dim=1), stats
