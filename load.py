@@ -99,7 +99,8 @@ def config_from_hf(d: dict) -> Qwen35Config:
 def config_to_hf(config: Qwen35Config) -> dict:
     """A flat text config that transformers reads as Qwen3_5(Moe)ForCausalLM."""
     d = {f.name: getattr(config, f.name) for f in fields(config)
-         if f.name not in ("rope_theta", "partial_rotary_factor")}
+         if f.name not in ("rope_theta", "partial_rotary_factor", "mrope_section", "vision", "image_token_id",
+                           "vision_start_token_id", "vision_end_token_id")}
     if not config.is_moe:
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
             del d[name]

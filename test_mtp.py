@@ -644,8 +644,8 @@ def test_chained_drafts_feed_the_heads_own_output(monkeypatch):
     model = tiny_model(seed=3)
     recorded = []                                          # (rows in the MTP cache afterwards, drafts)
 
-    def recording_draft(model_, hidden, next_tokens, valid, mtp_cache, n, sampling, vocab):
-        drafts, probs = real_draft(model_, hidden, next_tokens, valid, mtp_cache, n, sampling, vocab)
+    def recording_draft(model_, hidden, next_embeds, valid, mtp_cache, *rest):
+        drafts, probs = real_draft(model_, hidden, next_embeds, valid, mtp_cache, *rest)
         recorded.append((len(mtp_cache), [d.item() for d in drafts]))
         return drafts, probs
 
