@@ -242,7 +242,7 @@ def speculative(path_08b, quick):
             cache.crop(base)
 
         def draft_step(vocab=model.config.vocab_size):    # one greedy draft, as generate() makes it
-            draft(model, hidden[:, -1:], ids[:, -1:], None, mtp_cache, 1, Sampling(), vocab)
+            draft(model, hidden[:, -1:], model.model.embed_tokens(ids[:, -1:]), None, mtp_cache, 1, Sampling(), vocab)
             mtp_cache.crop(mtp_base)
 
         runs = 3 if quick else 5

@@ -34,13 +34,22 @@ BATCH = 2
 TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
             linear_conv_kernel_dim=4, rms_norm_eps=1e-6, initializer_range=0.03,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
+                                 mrope_section=[2, 1, 1]))
+# The vision tower of the official-layout cases: a 5 x 5 position table (resampled down and up), 2 blocks;
+# token ids inside the tiny vocabulary
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, temporal_patch_size=2,
+              spatial_merge_size=2, in_channels=3, num_position_embeddings=25, out_hidden_size=64,
+              hidden_act="gelu_pytorch_tanh", deepstack_visual_indexes=[])
+IMAGE, VISION_START, VISION_END = 120, 122, 123
+IMAGE_TOKENS = dict(image_token_id=IMAGE, video_token_id=121, vision_start_token_id=VISION_START,
+                    vision_end_token_id=VISION_END)
 DENSE = dict(intermediate_size=96)
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
 EVERY_4TH = ["linear_attention"] * 3 + ["full_attention"]
 CUSTOM = ["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention"]
 
-# Together the cases cover dense/MoE x tied/untied x official (VL-wrapped, fused experts, model.visual.*)
+# Together the cases cover dense/MoE x tied/untied x official (VL-wrapped, fused experts, vision tower)
 # / CausalLM (save_pretrained: per-expert, single file or sharded) layouts.
 CASES = {
     "dense-tied-official": dict(moe=False, tied=True, layout="official", layer_types=EVERY_4TH, seed=1),
@@ -113,17 +122,21 @@ def build_oracle(spec):
 
 
 def build_vl_oracle(hf, spec):
-    """The official wrapper class (Qwen3_5(Moe)ForConditionalGeneration) holding the same language model."""
+    """The official wrapper class (Qwen3_5(Moe)ForConditionalGeneration) holding the same language model,
+    and a vision tower with O(0.1) random weights (transformers' init, 0.02 and unit LayerNorms, would
+    hide mistakes in small numbers)."""
     text = {k: v for k, v in hf.config.to_dict().items() if k not in ("num_mtp_layers", "mtp_layer_types")}
     config_cls, model_cls = (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if spec["moe"] else \
         (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
-    cfg = config_cls(text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
-                                                          num_heads=2, out_hidden_size=64),
-                     tie_word_embeddings=spec["tied"])
+    cfg = config_cls(text_config=text, vision_config=VISION, tie_word_embeddings=spec["tied"], **IMAGE_TOKENS)
     vl = model_cls._from_config(cfg, attn_implementation="eager").eval()
     vl.model.language_model.load_state_dict(hf.model.state_dict())
     vl.lm_head.load_state_dict(hf.lm_head.state_dict())
     assert (vl.lm_head.weight is vl.model.language_model.embed_tokens.weight) == spec["tied"]
+    g = torch.Generator().manual_seed(spec["seed"])
+    with torch.no_grad():
+        for p in vl.model.visual.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return vl
 
 
@@ -147,9 +160,9 @@ def mtp_tensors(mtp):
     return out
 
 
-def official_tensors(hf, mtp, spec):
+def official_tensors(hf, mtp, vl, spec):
     """Official layout: `model.language_model.*` (fused experts as in memory), no lm_head when tied,
-    top-level `mtp.*` (per expert), plus `model.visual.*` tensors that the loader must skip."""
+    top-level `mtp.*` (per expert), and the vision tower `model.visual.*`."""
     out = {}
     for key, t in hf.state_dict().items():
         if key == "lm_head.weight":
@@ -159,9 +172,7 @@ def official_tensors(hf, mtp, spec):
             assert key.startswith("model.")
             out["model.language_model." + key[len("model."):]] = t.clone()
     out.update(mtp_tensors(mtp))
-    out["model.visual.patch_embed.proj.weight"] = torch.randn(32, 3, 2, 16, 16)
-    out["model.visual.blocks.0.attn.qkv.weight"] = torch.randn(96, 32)
-    out["model.visual.merger.linear_fc2.bias"] = torch.randn(64)
+    out.update({"model.visual." + k: t.clone() for k, t in vl.model.visual.state_dict().items()})
     return out
 
 
@@ -172,12 +183,12 @@ def official_config(hf, spec):
                          "transformers_version", "initializer_range")}
     text.update(mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False, attn_output_gate=True,
                 mlp_only_layers=[], full_attention_interval=4)
-    text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True, "mrope_section": [1, 1, 2]}
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
     moe = spec["moe"]
+    model_type = "qwen3_5_moe" if moe else "qwen3_5"
     return {"architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
-            "model_type": "qwen3_5_moe" if moe else "qwen3_5", "text_config": text,
-            "tie_word_embeddings": spec["tied"], "image_token_id": 120, "video_token_id": 121,
-            "vision_config": {"depth": 1, "hidden_size": 32, "out_hidden_size": 64}}
+            "model_type": model_type, "text_config": text, "tie_word_embeddings": spec["tied"], **IMAGE_TOKENS,
+            "vision_config": {**VISION, "model_type": model_type, "initializer_range": 0.02}}
 
 
 def write_checkpoint(path, tensors, config, dtype=None):
@@ -237,6 +248,67 @@ def oracle_mtp_logits(hf, mtp, ids, h):
     return hf.lm_head(mh)
 
 
+# ----------------------------------------------------------------------------------------------
+# Sequences with images
+
+GRIDS = [(1, 4, 6), (1, 6, 4), (2, 4, 4), (1, 8, 2)]   # in patches: wide; tall (same count); 2 frames; thin
+
+
+def image_tokens(t, h, w):
+    """One image as a prompt holds it: vision_start, t*h*w/2^2 image tokens, vision_end."""
+    return [VISION_START] + [IMAGE] * (t * h * w // 4) + [VISION_END]
+
+
+def image_batch(rows, seed):
+    """rows: each a list of text lengths (int) and image grids (tuple), e.g. [3, GRIDS[0], 4]. Returns
+    left-padded input_ids (random text ids < 100), attention_mask, image_grid_thw (images in reading
+    order), random pixel_values, and mm_token_type_ids (1 at image tokens), which transformers needs."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, grids = [], []
+    for row in rows:
+        seq = []
+        for part in row:
+            if isinstance(part, tuple):
+                seq += image_tokens(*part)
+                grids.append(part)
+            else:
+                seq += torch.randint(0, 100, (part,), generator=g).tolist()
+        seqs.append(seq)
+    T = max(map(len, seqs))
+    ids = torch.tensor([[0] * (T - len(seq)) + seq for seq in seqs])
+    mask = torch.tensor([[0] * (T - len(seq)) + [1] * len(seq) for seq in seqs])
+    grid_thw = torch.tensor(grids)
+    pixels = torch.randn(int(grid_thw.prod(-1).sum()), 3 * 2 * 16 * 16, generator=g)
+    return SimpleNamespace(ids=ids, mask=mask, grid_thw=grid_thw, pixels=pixels, mm=(ids == IMAGE).int())
+
+
+@torch.no_grad()
+def oracle_vl_forward(vl, batch, **kwargs):
+    """The VL oracle's output, and the merged input embeddings and 3-D positions [3, B, T] its language
+    model received (captured as they go in)."""
+    seen = {}
+    hook = vl.model.language_model.register_forward_pre_hook(lambda module, args, kw: seen.update(kw), with_kwargs=True)
+    try:
+        out = vl(input_ids=batch.ids, attention_mask=batch.mask, pixel_values=batch.pixels,
+                 image_grid_thw=batch.grid_thw, mm_token_type_ids=batch.mm, output_hidden_states=True, **kwargs)
+    finally:
+        hook.remove()
+    return out, seen["inputs_embeds"], seen["position_ids"]
+
+
+@torch.no_grad()
+def oracle_vl_mtp_logits(vl, mtp, embeds, h, positions):
+    """MtpModel's layer over every row (h_t, merged embedding of token t+1) at 3-D position of t (unpadded
+    rows). These are MtpModel.forward_layer's steps, run here because its mask builder takes 2-D positions
+    only: the causal mask from 2-D positions, the rotary (the model's own) from the 3-D ones."""
+    x, rows = embeds[:, 1:], positions[..., :-1]
+    B, N = rows.shape[1:]
+    masks = mtp.create_masks_for_mtp_layer(0, x, None, torch.arange(N)[None].expand(B, -1))
+    cos_sin = mtp.rotary_emb(x, position_ids=rows)
+    out = mtp.layers[0](x, h[:, :-1], position_embeddings=cos_sin, position_ids=rows, cache=None, **masks)
+    return vl.lm_head(out)
+
+
 _CASES = {}
 
 
@@ -250,7 +322,7 @@ def get_case(name, tmp_path_factory):
     vl, tensors, config = None, None, None
     if spec["layout"] == "official":
         vl = build_vl_oracle(hf, spec)
-        tensors, config = official_tensors(hf, mtp, spec), official_config(hf, spec)
+        tensors, config = official_tensors(hf, mtp, vl, spec), official_config(hf, spec)
         write_checkpoint(path, tensors, config)
     else:
         write_causallm_checkpoint(path, hf, mtp, spec)

@@ -11,19 +11,21 @@ Module names mirror checkpoint keys, so loading is a prefix strip plus one table
     model.X                  (Qwen3_5ForCausalLM)   model.X
     lm_head.weight           (absent when tied)     lm_head.weight
     mtp.X                    (top level)            mtp.X
-    model.visual.X           (vision tower)         skipped on purpose: this is the language model
+    model.visual.X           (vision tower)         visual.X   (absent: a text-only model, visual = None)
 
-The loader is strict: every parameter is loaded exactly once, every tensor in the files is used or
-deliberately skipped, shapes must match, and nothing is left randomly initialised.
+The loader is strict: every parameter is loaded exactly once, every tensor in the files is used,
+shapes must match, and nothing is left randomly initialised.
 
 From the command line (see main at the end):
 
     python load.py Qwen3.5-0.8B/ --prompt "The capital of France is" --draft-tokens 2
+    python load.py Qwen3.5-0.8B/ --image photo.jpg --prompt "Describe this image."
     python load.py Qwen3.5-0.8B/ --info        # what the checkpoint holds, without loading weights
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -31,16 +33,16 @@ import time
 from collections import Counter
 from dataclasses import fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from fast import speed_up
-from qwen35_mtp import LAYER_TYPES, Qwen35, Qwen35Config, generate
-
-SKIPPED_PREFIXES = ("model.visual.",)
+from qwen35_mtp import LAYER_TYPES, Qwen35, Qwen35Config, VisionConfig, generate
 
 # Experts appear fused in official main layers (mlp.experts.gate_up_proj [E, 2I, H],
 # mlp.experts.down_proj [E, H, I]: the model's own layout) but per expert in the official MTP layer
@@ -81,9 +83,20 @@ def config_from_hf(d: dict) -> Qwen35Config:
         raise ValueError(f"config field rope_parameters={rope!r} is not valid: expected an object")
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope_type={rope['rope_type']!r} is not supported; Qwen3.5 uses 'default'")
+    if rope.get("mrope_interleaved", True) is not True:
+        raise ValueError(f"mrope_interleaved={rope['mrope_interleaved']!r} is not supported: every Qwen3.5 "
+                         "checkpoint interleaves the time/height/width rotary frequencies")
     kwargs = {f.name: text[f.name] for f in fields(Qwen35Config) if f.name in text}
     kwargs["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 1e7))
     kwargs["partial_rotary_factor"] = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+    if isinstance(section := rope.get("mrope_section", [11, 11, 10]), list):
+        section = tuple(section)
+    kwargs["mrope_section"] = section
+    # the image token ids sit at the top level (nested) or beside the text fields (flat)
+    kwargs.update({name: d[name] for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+                   if name in d})
+    if "vision_config" in d:
+        kwargs["vision"] = vision_config_from_hf(d["vision_config"])
     # the tie flag may sit at the top level, in text_config, or both: the top level decides
     kwargs["tie_word_embeddings"] = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     kwargs["eos_token_id"] = text.get("eos_token_id", d.get("eos_token_id"))
@@ -96,10 +109,30 @@ def config_from_hf(d: dict) -> Qwen35Config:
     return Qwen35Config(**kwargs)
 
 
+def vision_config_from_hf(v: dict) -> VisionConfig:
+    """An official `vision_config`. Fields Qwen3.5 never varies must have its values."""
+    if not isinstance(v, dict):
+        raise ValueError(f"config field vision_config={v!r} is not valid: expected an object")
+    for name, expected in [("hidden_act", "gelu_pytorch_tanh"), ("deepstack_visual_indexes", [])]:
+        if v.get(name, expected) != expected:
+            raise ValueError(f"vision_config field {name}={v[name]!r} is not supported: every Qwen3.5 "
+                             f"checkpoint has {expected!r}")
+    rope = v.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "axial") != "axial":
+        raise ValueError(f"vision_config rope_parameters={rope!r} is not supported: expected rope_type 'axial'")
+    if "out_hidden_size" not in v:
+        raise ValueError("vision_config is missing required field out_hidden_size")
+    kwargs = {f.name: v[f.name] for f in fields(VisionConfig) if f.name in v}
+    kwargs["rope_theta"] = rope.get("rope_theta", 10000.0)
+    return VisionConfig(**kwargs)
+
+
 def config_to_hf(config: Qwen35Config) -> dict:
-    """A flat text config that transformers reads as Qwen3_5(Moe)ForCausalLM."""
+    """A flat text config that transformers reads as Qwen3_5(Moe)ForCausalLM, plus the vision tower's
+    config and token ids when the model has one (read back by config_from_hf)."""
     d = {f.name: getattr(config, f.name) for f in fields(config)
-         if f.name not in ("rope_theta", "partial_rotary_factor")}
+         if f.name not in ("rope_theta", "partial_rotary_factor", "mrope_section", "vision", "image_token_id",
+                           "vision_start_token_id", "vision_end_token_id")}
     if not config.is_moe:
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
             del d[name]
@@ -107,7 +140,15 @@ def config_to_hf(config: Qwen35Config) -> dict:
     d["architectures"] = ["Qwen3_5MoeForCausalLM" if config.is_moe else "Qwen3_5ForCausalLM"]
     d["hidden_act"] = "silu"
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta,
-                            "partial_rotary_factor": config.partial_rotary_factor}
+                            "partial_rotary_factor": config.partial_rotary_factor,
+                            "mrope_section": list(config.mrope_section), "mrope_interleaved": True}
+    if config.vision is not None:
+        v = config.vision
+        d["vision_config"] = {**{f.name: getattr(v, f.name) for f in fields(v) if f.name != "rope_theta"},
+                              "hidden_act": "gelu_pytorch_tanh", "deepstack_visual_indexes": [],
+                              "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
+        d.update({name: getattr(config, name) for name in ("image_token_id", "vision_start_token_id",
+                                                             "vision_end_token_id")})
     return d
 
 
@@ -115,11 +156,11 @@ def config_to_hf(config: Qwen35Config) -> dict:
 # Reading checkpoints
 
 def model_name(key):
-    """The model parameter a checkpoint key feeds, or None for tensors skipped on purpose."""
-    if key.startswith(SKIPPED_PREFIXES):
-        return None
+    """The model parameter a checkpoint key feeds."""
     if key.startswith("model.language_model."):
         return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
     return key
 
 
@@ -183,8 +224,13 @@ def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
     files = checkpoint_files(path)
     owner = checkpoint_keys(files, device)
     # The MTP head is whatever the files hold: transformers re-saves keep mtp_num_hidden_layers in
-    # config.json but drop the mtp.* tensors.
-    config = replace(config, mtp_num_hidden_layers=mtp_layer_count(owner))
+    # config.json but drop the mtp.* tensors. So is the vision tower (a CausalLM re-save has none).
+    has_tower = any(key.startswith("model.visual.") for key in owner)
+    if has_tower and config.vision is None:
+        raise ValueError(f"{path}: the files hold the vision tower (model.visual.*), but config.json has no "
+                         "vision_config")
+    config = replace(config, mtp_num_hidden_layers=mtp_layer_count(owner),
+                     vision=config.vision if has_tower else None)
 
     with torch.device("meta"):
         model = Qwen35(config)              # no memory: every parameter is assigned below
@@ -206,8 +252,6 @@ def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
         with open_safetensors(file, device) as f:
             for key in f.keys():
                 name = model_name(key)
-                if name is None:
-                    continue
                 try:
                     tensor = f.get_tensor(key)
                 except (SafetensorError, OSError, RuntimeError) as e:
@@ -272,14 +316,97 @@ def fill_expert(expected, loaded, fused_filled, match, tensor, key, file, unexpe
 
 
 def save_checkpoint(model, directory):
-    """config.json (a flat text config) + model.safetensors with `model.*`, `lm_head.weight` (untied only)
-    and `mtp.*`: loadable by load_checkpoint and by transformers' Qwen3_5ForCausalLM."""
+    """config.json (a flat text config) + model.safetensors with `model.*`, `lm_head.weight` (untied only),
+    `mtp.*` and `model.visual.*` (if any): loadable by load_checkpoint and by transformers'
+    Qwen3_5ForCausalLM (which ignores the vision tower)."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config_to_hf(model.config), f, indent=2)
-    tensors = {name: p.detach().contiguous() for name, p in model.state_dict().items()
+    tensors = {("model." + name if name.startswith("visual.") else name): p.detach().contiguous()
+               for name, p in model.state_dict().items()
                if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Images -> pixel_values and image_grid_thw, as Qwen's image processor makes them
+# (transformers' Qwen2VLImageProcessor with Qwen3.5's preprocessor_config.json). Videos are not supported.
+
+def image_settings(path, vision):
+    """Resizing and normalisation from the checkpoint's preprocessor_config.json, Qwen3.5's values
+    where it is absent. Qwen3.5 quirk: its `size` holds PIXEL COUNTS, under the names shortest_edge
+    (256^2) and longest_edge (4096^2)."""
+    file = os.path.join(path, "preprocessor_config.json")
+    settings = {}
+    if os.path.exists(file):
+        with open(file) as f:
+            settings = json.load(f)
+    for name, ours in [("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
+                       ("merge_size", vision.spatial_merge_size)]:
+        if settings.get(name, ours) != ours:
+            raise ValueError(f"{file}: {name}={settings[name]!r}, but the vision tower's is {ours}")
+    size = settings.get("size") or {}
+    return dict(patch=vision.patch_size, merge=vision.spatial_merge_size, frames=vision.temporal_patch_size,
+                min_pixels=size.get("shortest_edge", 256 * 256), max_pixels=size.get("longest_edge", 4096 * 4096),
+                mean=settings.get("image_mean", [0.5] * 3), std=settings.get("image_std", [0.5] * 3))
+
+
+def smart_size(height, width, factor, min_pixels, max_pixels):
+    """(height, width) in multiples of `factor` (patch * merge), about the same aspect ratio, with a
+    pixel count in [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"an image of {width}x{height} pixels: the aspect ratio must be at most 200")
+    # Python's round(): halves go to the even multiple (12.5 -> 12), as in Qwen's processor
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * scale / factor) * factor, math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def image_patches(image, patch, merge, frames, min_pixels, max_pixels, mean, std):
+    """A PIL image -> patches [gh*gw, 3*frames*patch*patch] (float32) and its grid (1, gh, gw)."""
+    if "A" in image.getbands() or "transparency" in image.info:       # transparency: onto white
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    image = image.convert("RGB")
+    h, w = smart_size(image.height, image.width, patch * merge, min_pixels, max_pixels)
+    pixels = np.asarray(image.resize((w, h), resample=Image.BICUBIC))             # uint8 [h, w, 3]
+    x = torch.from_numpy((pixels.astype(np.float64) / 255).astype(np.float32))     # rescaled in fp64
+    x = ((x - torch.tensor(mean)) / torch.tensor(std)).permute(2, 0, 1)            # [3, h, w]
+    gh, gw = h // patch, w // patch
+    x = x.reshape(3, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
+    # [gh/m, gw/m, m, m, 3, p, p]: merge groups in raster order (see qwen35_mtp.merge_order); a still
+    # image is `frames` identical frames, so each row is laid out [channel, frame, y, x]
+    x = x[:, :, :, :, :, None].expand(-1, -1, -1, -1, -1, frames, -1, -1)
+    return x.reshape(gh * gw, 3 * frames * patch * patch), (1, gh, gw)
+
+
+def read_images(files, settings):
+    """Image files -> pixel_values [patches, 3*frames*patch*patch] and image_grid_thw [images, 3]."""
+    patches, grids = [], []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                x, grid = image_patches(image, **settings)
+        except UnidentifiedImageError as e:
+            raise ValueError(f"{file}: not an image file Pillow can read (videos are not supported)") from e
+        patches.append(x)
+        grids.append(grid)
+    return torch.cat(patches), torch.tensor(grids)
+
+
+def image_prompt(grids, config):
+    """The token ids before the text: each image as vision_start, t*h*w/m^2 image tokens, vision_end
+    (Qwen's chat template writes them so; here without the chat roles)."""
+    ids = []
+    for t, h, w in grids.tolist():
+        n = t * h * w // config.vision.spatial_merge_size ** 2
+        ids += [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id]
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,13 +423,20 @@ def describe(path):
                 tensor = f.get_slice(key)
                 numel[key] = torch.Size(tensor.get_shape()).numel()
                 dtypes[tensor.get_dtype()] += 1
-    skipped = [k for k in numel if model_name(k) is None]
     mtp = [k for k in numel if k.startswith("mtp.")]
+    visual = [k for k in numel if k.startswith("model.visual.")]
     # a tied lm_head, if stored at all, is the embedding again (the loader checks that): count it once
-    main = [k for k in numel if model_name(k) is not None and k not in mtp
+    main = [k for k in numel if k not in mtp and k not in visual
             and not (k == "lm_head.weight" and c.tie_word_embeddings)]
-    full = [str(i) for i, t in enumerate(c.layer_types) if t == "full_attention"]
     params = lambda keys: sum(numel[k] for k in keys)
+    v = c.vision
+    vision = ("vision tower: none (no model.visual.* tensors: text only)" if not visual else
+              f"vision tower: {len(visual)} tensors, but config.json has no vision_config" if v is None else
+              f"vision tower: {v.depth} blocks, width {v.hidden_size}, {v.num_heads} heads (head_dim {v.head_dim}), "
+              f"MLP {v.intermediate_size}, patch {v.patch_size}x{v.patch_size}x{v.temporal_patch_size} frames, "
+              f"merge {v.spatial_merge_size}x{v.spatial_merge_size} -> {v.out_hidden_size}, "
+              f"{count(params(visual))} parameters")
+    full = [str(i) for i, t in enumerate(c.layer_types) if t == "full_attention"]
     return "\n".join([
         f"checkpoint: {path}, {len(files)} file(s), {len(numel)} tensors, dtypes "
         + ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common()),
@@ -319,8 +453,9 @@ def describe(path):
         else f"MLP: dense SwiGLU, width {c.intermediate_size}",
         f"MTP head: {mtp_layer_count(mtp)} layer(s), {count(params(mtp))} parameters" if mtp
         else f"MTP head: none (no mtp.* tensors; config.json says {c.mtp_num_hidden_layers} layer(s))",
-        f"parameters: main model {count(params(main))}, MTP head {count(params(mtp))}",
-        f"skipped: {len(skipped)} tensors" + (" (model.visual.*: the vision tower)" if skipped else ""),
+        vision,
+        f"parameters: main model {count(params(main))}, MTP head {count(params(mtp))}, vision tower "
+        f"{count(params(visual))}",
     ])
 
 
@@ -365,6 +500,8 @@ def main(argv=None):
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--prompt", help="text to continue")
     task.add_argument("--info", action="store_true", help="describe the checkpoint without loading weights")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE",
+                        help="an image to put before the prompt (repeatable; needs a vision tower; no videos)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -384,11 +521,20 @@ def main(argv=None):
         if args.info:
             print(describe(args.checkpoint))
             return
-        vocab_size = read_config(args.checkpoint).vocab_size      # check the prompt before loading weights
-        ids, decode = prompt_codec(args.checkpoint, args.prompt, vocab_size)
+        config = read_config(args.checkpoint)                      # check the prompt before loading weights
+        ids, decode = prompt_codec(args.checkpoint, args.prompt, config.vocab_size)
+        images, before = {}, []
+        if args.image:
+            if config.vision is None:
+                raise ValueError(f"--image needs a vision tower; {args.checkpoint}/config.json has no vision_config")
+            pixel_values, grids = read_images(args.image, image_settings(args.checkpoint, config.vision))
+            before = image_prompt(grids, config)
+            images = dict(pixel_values=pixel_values.to(args.device), image_grid_thw=grids.to(args.device))
         model = load_checkpoint(args.checkpoint, None if args.dtype == "auto" else getattr(torch, args.dtype),
                                 args.device)
-        prompt = torch.tensor([ids], device=args.device)
+        if images and model.visual is None:
+            raise ValueError(f"--image needs a vision tower; {args.checkpoint} holds no model.visual.* tensors")
+        prompt = torch.tensor([before + ids], device=args.device)
         options = dict(temperature=args.temperature, top_p=args.top_p, draft_tokens=args.draft_tokens,
                        draft_vocab_size=args.draft_vocab_size, eos_token_id=model.config.eos_token_id,
                        generator=None if args.seed is None else
@@ -412,7 +558,7 @@ def main(argv=None):
 
     print(args.prompt, end="", flush=True)
     start = time.time()
-    _, stats = generate(model, prompt, args.max_new_tokens, stream=stream, **options)
+    _, stats = generate(model, prompt, args.max_new_tokens, stream=stream, **options, **images)
     seconds = max(time.time() - start, 1e-9)
     print(decode(ids + generated)[len(shown):], flush=True)
     summary = f"{len(generated)} new tokens in {seconds:.2f} s, {len(generated) / seconds:.1f} tokens/s"

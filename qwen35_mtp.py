@@ -3,13 +3,14 @@ Qwen3.5 and its Multi-Token Prediction (MTP) head, in one file of plain PyTorch.
 
 Read top to bottom:
   1. Qwen35Config           every number the model needs
-  2. norms, rotary          the (1+w) RMSNorm, the plain gated RMSNorm, 25% partial RoPE
+  2. norms, rotary          the (1+w) RMSNorm, the plain gated RMSNorm, 25% partial RoPE (1-D or 3-D)
   3. gated attention        full softmax attention with a sigmoid output gate (every 4th layer)
   4. Gated DeltaNet         linear attention: the gated delta rule, recurrent and chunked
   5. MLP and MoE            dense SwiGLU, or top-k experts plus a gated shared expert
   6. decoder, model, MTP    pre-norm layers, caches, the backbone, the MTP head (predicts token t+2)
-  7. Qwen35                 logits, MTP logits and the training loss in one forward
-  8. generation             decoding, and lossless speculative decoding with MTP drafts
+  7. vision                 the vision tower (`model.visual.*`), image features in the sequence, 3-D positions
+  8. Qwen35                 logits, MTP logits and the training loss in one forward, with or without images
+  9. generation             decoding, and lossless speculative decoding with MTP drafts
 
 Shapes: B batch, T tokens in this step, S tokens in the cache (past + this step), H hidden size,
 V vocabulary. Checkpoint names are mirrored by the module names, so `model.layers.3.self_attn.q_proj`
@@ -29,6 +30,27 @@ import torch.nn.functional as F
 # 1. Config
 
 LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+def check_types(config):
+    """Name the field, its value and the expected type, before a comparison fails deep inside."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    expected = {int: ("an integer", is_int),
+                float: ("a number", lambda v: is_int(v) or isinstance(v, float)),
+                bool: ("true or false", lambda v: isinstance(v, bool)),
+                list: ("a list of layer type names", lambda v: isinstance(v, list)
+                       and all(isinstance(x, str) for x in v)),
+                tuple: ("three integers", lambda v: isinstance(v, tuple) and len(v) == 3 and all(map(is_int, v))),
+                object: ("an integer, a list of integers or null", lambda v: v is None or is_int(v)
+                         or isinstance(v, list) and all(map(is_int, v))),
+                "VisionConfig": ("a VisionConfig or None", lambda v: v is None or isinstance(v, VisionConfig))}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        what, ok = expected[f.type]
+        if not ok(value):
+            raise ValueError(f"config field {f.name}={value!r} ({type(value).__name__}) is not valid: "
+                             f"expected {what}")
 
 
 @dataclass
@@ -61,11 +83,17 @@ class Qwen35Config:
     mtp_num_hidden_layers: int = 1    # decoder layers in the MTP head; 0 = no MTP head
     mtp_loss_weight: float = 0.1      # loss = lm_loss + mtp_loss_weight * mtp_loss (Megatron's 0.1)
     eos_token_id: object = None       # int, list of ints, or None
+    # images (section 7)
+    vision: "VisionConfig" = None     # the vision tower; None: a text-only model
+    mrope_section: tuple = (11, 11, 10)   # rotary frequencies per axis (time, height, width), see mrope_axes
+    image_token_id: int = 248056      # placeholder tokens that image features replace
+    vision_start_token_id: int = 248053   # ordinary text tokens around each image's placeholders
+    vision_end_token_id: int = 248054
 
     def __post_init__(self):
         if self.layer_types is None and type(self.num_hidden_layers) is int:
             self.layer_types = [LAYER_TYPES[i % 4 == 3] for i in range(self.num_hidden_layers)]
-        self.check_types()
+        check_types(self)
         problems = []
         if len(self.layer_types) != self.num_hidden_layers:
             problems.append(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
@@ -94,26 +122,13 @@ class Qwen35Config:
             problems.append("an MoE model needs moe_intermediate_size and shared_expert_intermediate_size > 0")
         if not self.is_moe and self.intermediate_size <= 0:
             problems.append("a dense model needs intermediate_size > 0")
+        if self.vision is not None and self.vision.out_hidden_size != self.hidden_size:
+            problems.append(f"vision out_hidden_size={self.vision.out_hidden_size} must equal hidden_size="
+                            f"{self.hidden_size} (image features replace token embeddings)")
+        if self.vision is not None and not 0 <= self.image_token_id < self.vocab_size:
+            problems.append(f"image_token_id={self.image_token_id} is outside the vocabulary [0, {self.vocab_size})")
         if problems:
             raise ValueError("inconsistent Qwen3.5 config: " + "; ".join(problems))
-
-    def check_types(self):
-        """Name the field, its value and the expected type, before a comparison fails deep inside."""
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-        expected = {int: ("an integer", is_int),
-                    float: ("a number", lambda v: is_int(v) or isinstance(v, float)),
-                    bool: ("true or false", lambda v: isinstance(v, bool)),
-                    list: ("a list of layer type names", lambda v: isinstance(v, list)
-                           and all(isinstance(x, str) for x in v)),
-                    object: ("an integer, a list of integers or null", lambda v: v is None or is_int(v)
-                             or isinstance(v, list) and all(map(is_int, v)))}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            what, ok = expected[f.type]
-            if not ok(value):
-                raise ValueError(f"config field {f.name}={value!r} ({type(value).__name__}) is not valid: "
-                                 f"expected {what}")
 
     @property
     def is_moe(self):
@@ -157,12 +172,29 @@ class GatedRMSNorm(nn.Module):
         return (self.weight * y * F.silu(z.float())).to(x.dtype)
 
 
+def mrope_axes(half, section):
+    """Which position axis (0 time, 1 height, 2 width) turns each of the rotary_dim/2 frequencies.
+    Qwen3.5 quirk (mrope_interleaved): the axes take turns, T H W T H W ...: frequency i follows
+    height if i % 3 == 1 and i < 3 * section[1], width if i % 3 == 2 and i < 3 * section[2], time
+    otherwise (section[0] is never read). [11, 11, 10] ends with T H on frequencies 30 and 31."""
+    axis = torch.zeros(half, dtype=torch.long)
+    axis[1:3 * section[1]:3] = 1
+    axis[2:3 * section[2]:3] = 2
+    return axis
+
+
 def rotary_cos_sin(positions, config, dtype):
-    """cos, sin [B, T, rotary_dim] for integer positions [B, T]. Qwen3.5's mRoPE sections
-    (interleaved T/H/W) collapse to this ordinary 1-D RoPE for text, where all three agree."""
+    """cos, sin [B, T, rotary_dim] for integer positions [B, T] (text) or [3, B, T] (time, height,
+    width: multimodal RoPE, section 7). Text tokens have the same position on all three axes, so for
+    text the 3-D form is exactly this ordinary 1-D RoPE."""
     dim = config.rotary_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)
-    angles = positions[..., None].float() * inv_freq          # [B, T, dim/2]
+    if positions.dim() == 3:
+        axis = mrope_axes(dim // 2, config.mrope_section).to(positions.device)
+        positions = positions[axis].permute(1, 2, 0)           # [B, T, dim/2]: each frequency's axis
+    else:
+        positions = positions[..., None]                       # [B, T, 1]
+    angles = positions.float() * inv_freq                     # [B, T, dim/2]
     angles = torch.cat([angles, angles], dim=-1)              # rotate-half layout: [B, T, dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -494,12 +526,19 @@ class Step:
     rollback: bool = False           # keep what undoing this step's tokens needs (verifying drafts)
 
 
-def make_step(valid, past_valid, config, dtype, rollback=False):
+def text_positions(valid, past_valid):
+    """Positions [B, T] of this step's tokens: how many real tokens come before each (0 at padding),
+    so a left-padded row computes exactly as an unpadded one."""
+    past = 0 if past_valid is None else past_valid.sum(1, keepdim=True)
+    return (past + valid.cumsum(1) - 1).clamp(min=0)
+
+
+def make_step(valid, past_valid, config, dtype, rollback=False, positions=None):
     """valid [B, T] bool: real tokens of this step; past_valid [B, P] bool: the cached ones.
-    Positions count real tokens only, so a left-padded row computes exactly as an unpadded one."""
+    positions: [B, T] or [3, B, T] (images, section 7); None counts real tokens (text_positions)."""
     B, T = valid.shape
     past = valid.new_zeros(B, 0) if past_valid is None else past_valid
-    positions = (past.sum(1, keepdim=True) + valid.cumsum(1) - 1).clamp(min=0)
+    positions = text_positions(valid, past_valid) if positions is None else positions
     cos, sin = rotary_cos_sin(positions, config, dtype)
     keys = torch.cat([past, valid], dim=1)                                 # [B, S]
     if keys.all():
@@ -538,18 +577,27 @@ class DecoderLayer(nn.Module):
 
 class Cache:
     """Decoding state of a stack of layers (the backbone or the MTP head): one KVCache or
-    DeltaNetCache per layer, and `valid` [B, S], which cached tokens are real (False = padding)."""
+    DeltaNetCache per layer, `valid` [B, S], which cached tokens are real (False = padding), and
+    `rope_deltas` [B, 1], set by a prompt with images: later positions are text_positions + rope_deltas."""
 
     def __init__(self, layer_types):
         self.layers = [DeltaNetCache() if t == "linear_attention" else KVCache() for t in layer_types]
         self.valid = None
+        self.rope_deltas = None
 
     def __len__(self):
         return 0 if self.valid is None else self.valid.shape[1]
 
-    def step(self, valid, config, dtype, rollback=False):
-        """The Step for feeding `valid.shape[1]` more tokens; records them as cached."""
-        step = make_step(valid, self.valid, config, dtype, rollback)
+    def step(self, valid, config, dtype, rollback=False, positions=None):
+        """The Step for feeding `valid.shape[1]` more tokens; records them as cached. positions
+        [3, B, T]: given with images (section 7), and then every later step continues after them."""
+        if positions is not None:
+            # the next position is the largest so far + 1, however far images moved it from the count
+            real = valid.sum(1, keepdim=True) + (0 if self.valid is None else self.valid.sum(1, keepdim=True))
+            self.rope_deltas = positions.amax(dim=(0, 2))[:, None] + 1 - real
+        elif self.rope_deltas is not None:
+            positions = text_positions(valid, self.valid) + self.rope_deltas
+        step = make_step(valid, self.valid, config, dtype, rollback, positions)
         self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
         return step
 
@@ -571,14 +619,16 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, t) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, valid=None, cache=None, hidden_states=None, rollback=False):
+    def forward(self, input_ids, valid=None, cache=None, hidden_states=None, rollback=False, embeds=None,
+                positions=None):
         """input_ids [B, T] -> post-norm hidden states [B, T, H]. valid [B, T] bool marks real tokens
         (None: all). `hidden_states`, a list, if given collects the embeddings and every layer's output
-        (before the final norm). rollback: this cached step may be undone by cache.crop."""
-        x = self.embed_tokens(input_ids)
+        (before the final norm). rollback: this cached step may be undone by cache.crop. With images
+        (Qwen35.embed_inputs): embeds [B, T, H] replace embed_tokens(input_ids), positions [3, B, T]."""
+        x = self.embed_tokens(input_ids) if embeds is None else embeds
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
-        step = cache.step(valid, self.config, x.dtype, rollback) if cache is not None else \
-            make_step(valid, None, self.config, x.dtype)
+        step = cache.step(valid, self.config, x.dtype, rollback, positions) if cache is not None else \
+            make_step(valid, None, self.config, x.dtype, positions=positions)
         if hidden_states is not None:
             hidden_states.append(x)
         for i, layer in enumerate(self.layers):
@@ -603,12 +653,13 @@ class MTPHead(nn.Module):
                                     for _ in range(config.mtp_num_hidden_layers))
         self.norm = RMSNorm(H, config.rms_norm_eps)
 
-    def forward(self, hidden, next_embeds, valid, cache=None, layer=0):
+    def forward(self, hidden, next_embeds, valid, cache=None, layer=0, positions=None):
         """hidden [B, N, H]: the main model's hidden state AFTER its final norm (or, when chaining,
-        this head's previous output); next_embeds [B, N, H]: embeddings of the tokens one step later;
-        valid [B, N] bool. Returns this head's output after `norm` [B, N, H] (feed it to lm_head)."""
-        step = cache.step(valid, self.config, hidden.dtype) if cache is not None else \
-            make_step(valid, None, self.config, hidden.dtype)
+        this head's previous output); next_embeds [B, N, H]: input embeddings of the tokens one step
+        later; valid [B, N] bool; positions: the rows' [3, B, N] positions with images (None: counted).
+        Returns this head's output after `norm` [B, N, H] (feed it to lm_head)."""
+        step = cache.step(valid, self.config, hidden.dtype, positions=positions) if cache is not None else \
+            make_step(valid, None, self.config, hidden.dtype, positions=positions)
         # Qwen3.5 quirk: the embedding comes FIRST: fc.weight[:, :H] multiplies the embedding
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
         x = self.layers[layer](x, step, cache.layers[layer] if cache is not None else None)
@@ -616,7 +667,244 @@ class MTPHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The language model with its MTP head, and the losses
+# 7. The vision tower and multimodal positions
+#
+# Official checkpoints are vision-language models: an image becomes patches (2 frames x 16 x 16
+# pixels: a still image is repeated; load.py's `image_patches` does what Qwen's processor does),
+# the tower turns each 2 x 2 group of neighbouring patches into one vector of the language model's
+# width, and those vectors replace the embeddings of the image's placeholder tokens. Text and image
+# tokens then get 3-D rotary positions (time, height, width). Videos are not supported.
+# Shapes: N patches (all images together), D the tower's width, m spatial_merge_size.
+
+@dataclass
+class VisionConfig:
+    """The vision tower, config.json's `vision_config` (defaults: the 27B and 35B-A3B tower)."""
+    out_hidden_size: int                    # the language model's hidden size
+    depth: int = 27
+    hidden_size: int = 1152                 # D
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    patch_size: int = 16                    # p: pixels per patch side
+    temporal_patch_size: int = 2            # frames per patch
+    spatial_merge_size: int = 2             # m: m x m patches make one language-model token
+    in_channels: int = 3
+    num_position_embeddings: int = 2304     # a 48 x 48 learned position table
+    rope_theta: float = 10000.0             # official files give none: transformers' default
+    layer_norm_eps: float = 1e-6            # fixed in every LayerNorm of the tower
+
+    def __post_init__(self):
+        check_types(self)
+        problems = []
+        if bad := [f.name for f in fields(self) if f.type is int and getattr(self, f.name) <= 0]:
+            problems.append(f"sizes that must be > 0: {bad}")
+        elif self.hidden_size % self.num_heads or self.head_dim % 4:
+            problems.append(f"hidden_size / num_heads = {self.hidden_size} / {self.num_heads} must be a whole "
+                            "multiple of 4 (the 2-D rotary turns head_dim/4 pairs with each axis)")
+        elif math.isqrt(self.num_position_embeddings) ** 2 != self.num_position_embeddings:
+            problems.append(f"num_position_embeddings={self.num_position_embeddings} is not a square")
+        if problems:
+            raise ValueError("inconsistent vision config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+
+def merge_order(x, m):
+    """[h, w, ...] in raster order -> [h*w, ...] in the order patches come from the processor.
+    Qwen3.5 quirk: patches arrive in m x m groups (one language-model token each, contiguous),
+    the groups in raster order and raster order inside each group; tables must follow suit."""
+    h, w = x.shape[:2]
+    x = x.reshape(h // m, m, w // m, m, *x.shape[2:]).transpose(1, 2)   # [h/m, w/m, m, m, ...]
+    return x.reshape(h * w, *x.shape[4:])
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        kernel = (c.temporal_patch_size, c.patch_size, c.patch_size)
+        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, kernel, stride=kernel)   # [D, C, tp, p, p]
+
+    def forward(self, pixel_values):
+        """[N, C*tp*p*p], one patch per row -> [N, D]: a convolution whose kernel covers its whole
+        input is a matrix product with the flattened kernel."""
+        return F.linear(pixel_values.to(self.proj.weight.dtype), self.proj.weight.flatten(1), self.proj.bias)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.heads, self.head_dim = c.num_heads, c.head_dim
+        self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)      # rows q, k, v; every linear has a bias
+        self.proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x, cos, sin, frames):
+        """x [N, D]; cos, sin [1, N, head_dim]; frames: patches per frame, in order."""
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(1, N, 3, self.heads, self.head_dim).unbind(2)   # [1, N, heads, hd]
+        # Qwen3.5 quirk: the rotary turns the WHOLE head (the text model: 25%), in fp32
+        q, k = (apply_rotary(t.float(), cos, sin).to(t.dtype) for t in (q, k))
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))                          # [heads, N, hd]
+        # Qwen3.5 quirk: bidirectional attention within each frame of each image, never across
+        out = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in
+                         zip(q.split(frames, 1), k.split(frames, 1), v.split(frames, 1))], dim=1)
+        return self.proj(out.transpose(0, 1).reshape(N, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.linear_fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))   # gelu_pytorch_tanh
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm ViT block. Qwen3.5 quirk: LayerNorm with bias here, RMSNorm in the language model."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.attn = VisionAttention(c)
+        self.mlp = VisionMLP(c)
+
+    def forward(self, x, cos, sin, frames):
+        x = x + self.attn(self.norm1(x), cos, sin, frames)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """Each m x m group of patches -> one language-model token [out_hidden_size]."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.group = c.hidden_size * c.spatial_merge_size ** 2
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)       # per patch, before grouping
+        self.linear_fc1 = nn.Linear(self.group, self.group)
+        self.linear_fc2 = nn.Linear(self.group, c.out_hidden_size)
+
+    def forward(self, x):
+        x = self.norm(x).view(-1, self.group)        # [N/m^2, m^2*D]: a group's patches are consecutive rows
+        # Qwen3.5 quirk: the exact (erf) GELU here, the tanh approximation inside the blocks
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
+class VisionTower(nn.Module):
+    """Patches -> image features, one per image placeholder token. Checkpoint prefix `model.visual.`."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.config = c
+        self.patch_embed = PatchEmbed(c)
+        self.pos_embed = nn.Embedding(c.num_position_embeddings, c.hidden_size)
+        self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
+        self.merger = PatchMerger(c)
+
+    def position_table(self, h, w):
+        """The learned side x side table resampled to an h x w patch grid: [h*w, D] in merge order.
+        Qwen3.5 quirk: bilinear with align_corners=True, so the table's corners land exactly on the
+        image's corner patches, whatever its size."""
+        side = math.isqrt(self.config.num_position_embeddings)
+        table = self.pos_embed.weight.float().t().reshape(1, -1, side, side)     # [1, D, side, side]
+        grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0]
+        return merge_order(grid.permute(1, 2, 0), self.config.spatial_merge_size)
+
+    def rotary(self, h, w):
+        """cos, sin [h*w, head_dim] (fp32, merge order) of the 2-D rotary: with head_dim/2 rotated
+        pairs, the first half turn with the patch's row, the second half with its column, each at
+        the same head_dim/4 frequencies."""
+        half = self.config.head_dim // 2
+        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, half, 2).float() / half)
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        coords = merge_order(torch.stack([rows, cols], dim=-1), self.config.spatial_merge_size)   # [h*w, 2]
+        angles = (coords[..., None].float() * inv_freq).flatten(1)        # [h*w, head_dim/2]: rows | columns
+        angles = torch.cat([angles, angles], dim=-1)                      # rotate-half layout
+        return angles.cos(), angles.sin()
+
+    def forward(self, pixel_values, grid_thw):
+        """pixel_values [N, C*tp*p*p] and grid_thw [images, 3] (frames, rows, columns of patches), as
+        the processor makes them -> [N/m^2, out_hidden_size], the images' tokens in order."""
+        x = self.patch_embed(pixel_values)                                 # [N, D]
+        tables, cos, sin, frames = [], [], [], []
+        for t, h, w in grid_thw.tolist():
+            c, s = self.rotary(h, w)
+            # every frame repeats the image's spatial positions; each frame attends only within itself
+            tables.append(self.position_table(h, w).repeat(t, 1))
+            cos.append(c.repeat(t, 1))
+            sin.append(s.repeat(t, 1))
+            frames += [h * w] * t
+        x = x + torch.cat(tables).to(x.device, x.dtype)
+        cos, sin = torch.cat(cos)[None].to(x.device), torch.cat(sin)[None].to(x.device)   # [1, N, head_dim]
+        for block in self.blocks:
+            x = block(x, cos, sin, frames)
+        return self.merger(x)
+
+
+def check_images(pixel_values, grid_thw, c: VisionConfig):
+    """Shapes that fit the tower, before anything runs on them."""
+    width = c.in_channels * c.temporal_patch_size * c.patch_size ** 2
+    if pixel_values.ndim != 2 or pixel_values.shape[1] != width:
+        raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected [patches, {width}] "
+                         f"(channels x {c.temporal_patch_size} frames x {c.patch_size} x {c.patch_size} pixels)")
+    m = c.spatial_merge_size
+    if grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or (grid_thw[:, 1:] % m).any() or (grid_thw <= 0).any():
+        raise ValueError(f"image_grid_thw must be [images, 3] rows (frames, rows, columns), rows and columns "
+                         f"multiples of spatial_merge_size={m}; got {grid_thw.tolist()}")
+    if int(grid_thw.prod(-1).sum()) != pixel_values.shape[0]:
+        raise ValueError(f"image_grid_thw covers {int(grid_thw.prod(-1).sum())} patches, but pixel_values has "
+                         f"{pixel_values.shape[0]}")
+
+
+def merge_image_features(embeds, input_ids, features, image_token_id):
+    """Put the tower's rows [image tokens, H] at the image tokens of embeds [B, T, H], in reading order."""
+    is_image = input_ids == image_token_id
+    if is_image.sum() != features.shape[0]:
+        raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id {image_token_id}), but the images "
+                         f"make {features.shape[0]} (frames x rows x columns / spatial_merge_size^2 each)")
+    embeds = embeds.clone()
+    embeds[is_image] = features.to(embeds.dtype)
+    return embeds
+
+
+def image_positions(start, t, h, w):
+    """[3, t*h*w]: (start + frame, start + row, start + column) over an image's merged token grid."""
+    grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack(grid).flatten(1) + start
+
+
+def mrope_positions(input_ids, valid, grid_thw, config):
+    """3-D rotary positions [3, B, T] (time, height, width; 0 at padding) of a sequence with images:
+    each run of image tokens is the next image of grid_thw, in reading order. A text token has one
+    position on all three axes, one more than the token before; so text alone is plain RoPE."""
+    m = config.vision.spatial_merge_size
+    grids = [(t, h // m, w // m) for t, h, w in grid_thw.tolist()]         # in merged tokens
+    positions = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+    for b in range(input_ids.shape[0]):
+        is_image = (input_ids[b, valid[b]] == config.image_token_id).tolist()
+        pieces, start, i = [], 0, 0
+        while i < len(is_image):
+            if not is_image[i]:
+                n = next((j for j in range(i, len(is_image)) if is_image[j]), len(is_image)) - i
+                pieces.append(torch.arange(start, start + n).expand(3, -1))
+                start, i = start + n, i + n
+                continue
+            t, h, w = grids.pop(0)
+            if not all(is_image[i:i + t * h * w]):
+                raise ValueError(f"row {b}: an image of {t}x{h}x{w} tokens (grid {t}x{h * m}x{w * m}) does not "
+                                 f"fit the run of image tokens at real token {i}")
+            pieces.append(image_positions(start, t, h, w))
+            # Qwen3.5 quirk: the text after an image goes on at start + max(h, w), not at start + its
+            # token count (and the frames do not count)
+            start, i = start + max(h, w), i + t * h * w
+        positions[:, b, valid[b].cpu()] = torch.cat(pieces, dim=1)
+    return positions.to(input_ids.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The language model with its MTP head, and the losses
 
 @dataclass
 class Qwen35Output:
@@ -637,7 +925,7 @@ def cross_entropy(logits, targets):
 
 
 class Qwen35(nn.Module):
-    """Qwen3.5 language model (dense or MoE) with its MTP head."""
+    """Qwen3.5 language model (dense or MoE) with its MTP head, and its vision tower if it has one."""
 
     def __init__(self, config: Qwen35Config):
         super().__init__()
@@ -645,6 +933,7 @@ class Qwen35(nn.Module):
         self.model = TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTPHead(config) if config.mtp_num_hidden_layers > 0 else None
+        self.visual = VisionTower(config.vision) if config.vision is not None else None
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             self.apply(self._init_weights)
@@ -659,6 +948,8 @@ class Qwen35(nn.Module):
         std = 0.02
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.normal_(0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:    # the vision tower's
+                module.bias.zero_()
         elif isinstance(module, Experts):
             module.gate_up_proj.normal_(0.0, std)
             module.down_proj.normal_(0.0, std)
@@ -671,17 +962,37 @@ class Qwen35(nn.Module):
             module.dt_bias.fill_(1.0)
             nn.init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
 
+    def embed_inputs(self, input_ids, valid=None, pixel_values=None, image_grid_thw=None):
+        """Input embeddings [B, T, H] and rotary positions: for text, embed_tokens(input_ids) and None
+        (counted, see text_positions); with images (section 7), the image features in place of the
+        image tokens' embeddings, and 3-D positions [3, B, T]."""
+        embeds = self.model.embed_tokens(input_ids)
+        if pixel_values is None and image_grid_thw is None:
+            return embeds, None
+        if self.visual is None:
+            raise ValueError("images given, but this model has no vision tower (no model.visual.* tensors)")
+        if pixel_values is None or image_grid_thw is None:
+            raise ValueError("pixel_values and image_grid_thw go together, as the image processor returns them")
+        check_images(pixel_values, image_grid_thw, self.config.vision)
+        features = self.visual(pixel_values, image_grid_thw)
+        embeds = merge_image_features(embeds, input_ids, features, self.config.image_token_id)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
+        return embeds, mrope_positions(input_ids, valid, image_grid_thw, self.config)
+
     def forward(self, input_ids, labels=None, attention_mask=None, mtp=True, mtp_depth=1,
-                output_hidden_states=False):
+                output_hidden_states=False, pixel_values=None, image_grid_thw=None):
         """input_ids [B, T]; labels [B, T] unshifted, -100 ignored; attention_mask [B, T] 1/0 (left
-        padding). mtp_depth D > 1 chains the head D times (depth d predicts token t+d+1), see mtp_logits."""
+        padding). mtp_depth D > 1 chains the head D times (depth d predicts token t+d+1), see mtp_logits.
+        Images: pixel_values [patches, C*tp*p*p] and image_grid_thw [images, 3] as Qwen's processor makes
+        them, each image a run of t*h*w/m^2 image_token_id tokens in input_ids, in order."""
         T = input_ids.shape[1]
         valid = None if attention_mask is None else attention_mask.bool()
+        embeds, positions = self.embed_inputs(input_ids, valid, pixel_values, image_grid_thw)
         hidden_states = [] if output_hidden_states else None
-        hidden = self.model(input_ids, valid, hidden_states=hidden_states)
+        hidden = self.model(input_ids, valid, hidden_states=hidden_states, embeds=embeds, positions=positions)
         out = Qwen35Output(logits=self.lm_head(hidden), hidden=hidden, hidden_states=hidden_states)
         if mtp and self.mtp is not None and T > 1:
-            out.mtp_logits_per_depth = self.mtp_logits(input_ids, hidden, valid, mtp_depth)
+            out.mtp_logits_per_depth = self.mtp_logits(embeds, hidden, valid, mtp_depth, positions)
             out.mtp_logits = out.mtp_logits_per_depth[0]
         if labels is not None:
             out.lm_loss = cross_entropy(out.logits[:, :-1], labels[:, 1:])
@@ -696,25 +1007,33 @@ class Qwen35(nn.Module):
                     out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
         return out
 
-    def mtp_logits(self, input_ids, hidden, valid, depth):
+    def mtp_logits(self, embeds, hidden, valid, depth, positions=None):
         """Depth d (1..D): row t fuses h_t^(d-1) (h^(0) = main hidden state, then the head's own
-        post-norm output) with the embedding of token t+d. Each depth attends causally over its own
-        rows, reusing layer (d-1) % mtp_num_hidden_layers (the Megatron / DeepSeek-V3 training form).
-        Drafting chains the same way but attends over depth-1 rows of the context (see `draft`)."""
-        T = input_ids.shape[1]
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
-        embeds = self.model.embed_tokens(input_ids)
+        post-norm output) with the input embedding of token t+d (embeds: the main model's). Each depth
+        attends causally over its own rows, reusing layer (d-1) % mtp_num_hidden_layers (the Megatron /
+        DeepSeek-V3 training form). Drafting chains the same way but attends over depth-1 rows of the
+        context (see `draft`).
+
+        With images, row t reads what the main model read at t+1, the image feature at an image token,
+        and sits at the main model's 3-D position of t (positions [3, B, T]), as the engines that serve
+        Qwen3.5 MTP do: vLLM's qwen3_5_mtp.py merges the image embeddings into the head's input
+        (embed_input_ids) and its llm_base_proposer.py shifts the ids by one but "leave[s] the positions
+        unchanged"; SGLang's qwen3_5_mtp.py feeds the target's merged `mm_input_embeds`. For text the
+        positions of t and t+1 differ by the same 1 on every row, so either choice gives the same logits."""
+        T = embeds.shape[1]
+        valid = embeds.new_ones(embeds.shape[:2], dtype=torch.bool) if valid is None else valid
         per_depth, h = [], hidden
         for d in range(1, min(depth, T - 1) + 1):
             n = T - d
             row_valid = valid[:, :n] & valid[:, d:]
-            h = self.mtp(h[:, :n], embeds[:, d:], row_valid, layer=(d - 1) % len(self.mtp.layers))
+            rows = None if positions is None else positions[..., :n]
+            h = self.mtp(h[:, :n], embeds[:, d:], row_valid, layer=(d - 1) % len(self.mtp.layers), positions=rows)
             per_depth.append(self.lm_head(h))
         return per_depth
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Generation and speculative decoding
+# 9. Generation and speculative decoding
 
 @dataclass(frozen=True)
 class Sampling:
@@ -766,10 +1085,11 @@ def verify_drafts(drafts, draft_probs, logits, sampling):
     return len(drafts), torch.multinomial(p[-1], 1, generator=sampling.generator)
 
 
-def decode(model, input_ids, valid, max_new_tokens, sampling, eos, stats, stream):
-    """Plain decoding: one main-model forward per token. Finished rows repeat their EOS."""
+def decode(model, input_ids, embeds, positions, valid, max_new_tokens, sampling, eos, stats, stream):
+    """Plain decoding: one main-model forward per token. Finished rows repeat their EOS. embeds and
+    positions: the prompt's, from Qwen35.embed_inputs (with images, the cache continues the positions)."""
     cache = Cache(model.config.layer_types)
-    hidden = model.model(input_ids, valid, cache)
+    hidden = model.model(input_ids, valid, cache, embeds=embeds, positions=positions)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new = []
     while True:
@@ -785,18 +1105,19 @@ def decode(model, input_ids, valid, max_new_tokens, sampling, eos, stats, stream
         stats["main_forwards"] += 1
 
 
-def draft(model, hidden, next_tokens, valid, mtp_cache, n, sampling, vocab):
-    """Add the MTP rows (hidden_t, next_t) to the head's cache, then draft n tokens. Draft i > 0
-    feeds back the head's own post-norm output with draft i-1, one position later (as vLLM does);
-    those chained rows are dropped from the cache afterwards, since the verified rows replace them.
-    Drafts come from the first `vocab` rows of lm_head (a view, no copy).
+def draft(model, hidden, next_embeds, valid, mtp_cache, n, sampling, vocab, positions=None):
+    """Add the MTP rows (hidden_t, next_embeds_t) to the head's cache (at `positions`, if given: a
+    prompt with images), then draft n tokens. Draft i > 0 feeds back the head's own post-norm output
+    with draft i-1, one position later (as vLLM does); those chained rows are dropped from the cache
+    afterwards, since the verified rows replace them. Drafts are text and come from the first `vocab`
+    rows of lm_head (a view, no copy).
     Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from."""
     if n == 0:
         return [], []
     embed = model.model.embed_tokens
     if valid is None:
-        valid = torch.ones(next_tokens.shape, dtype=torch.bool, device=next_tokens.device)
-    h = model.mtp(hidden, embed(next_tokens), valid, mtp_cache)[:, -1:]
+        valid = torch.ones(next_embeds.shape[:2], dtype=torch.bool, device=next_embeds.device)
+    h = model.mtp(hidden, next_embeds, valid, mtp_cache, positions=positions)[:, -1:]
     committed = len(mtp_cache)
     head = model.lm_head.weight[:vocab]
     drafts, probs = [], []
@@ -811,9 +1132,10 @@ def draft(model, hidden, next_tokens, valid, mtp_cache, n, sampling, vocab):
     return drafts, probs
 
 
-def speculative_decode(model, input_ids, valid, max_new_tokens, k, sampling, eos, stats, stream, vocab):
+def speculative_decode(model, input_ids, embeds, positions, valid, max_new_tokens, k, sampling, eos, stats,
+                       stream, vocab):
     """Draft k tokens with MTP, verify them in one main-model forward of k+1 tokens, keep the agreeing
-    prefix and roll the caches back past the rest (batch 1).
+    prefix and roll the caches back past the rest (batch 1). embeds, positions: as for `decode`.
 
     The MTP head's cache holds one row (h_t, x_{t+1}) for each position t whose next token is final;
     rows whose inputs are known but not yet fed wait as `pending`. One round, with x_{t+1} the last
@@ -826,18 +1148,22 @@ def speculative_decode(model, input_ids, valid, max_new_tokens, k, sampling, eos
         after      MTP cache: rows 1 .. t              pending: (h_{t+1}, d_1) .. (h_{t+a}, d_a), (h_{t+a+1}, y)
     The backbone cache drops the n - a rejected drafts (DeltaNet layers included, see DeltaNetCache)."""
     cache, mtp_cache = Cache(model.config.layer_types), Cache(["full_attention"])
-    hidden = model.model(input_ids, valid, cache)
+    embed = model.model.embed_tokens
+    hidden = model.model(input_ids, valid, cache, embeds=embeds, positions=positions)
     token = pick(model.lm_head(hidden[:, -1]), sampling)
     stream(token[:, None])
     new = [token]                                       # [1] tensors, then blocks of kept tokens
-    # At prefill the pending rows are the whole prompt, so the head drafts with the prompt as context.
-    pending_hidden, pending_next = hidden, torch.cat([input_ids[:, 1:], token[:, None]], dim=1)
+    # At prefill the pending rows are the whole prompt, so the head drafts with the prompt as context:
+    # with images, the rows read the image features and the prompt's 3-D positions (see mtp_logits),
+    # and the head's cache continues those positions as the backbone's does.
+    pending_hidden, pending_next = hidden, torch.cat([embeds[:, 1:], embed(token[:, None])], dim=1)
     pending_valid = None if valid is None else valid & torch.cat([valid[:, 1:], valid[:, -1:]], dim=1)
+    pending_positions = positions
     produced = 1
     while produced < max_new_tokens and not torch.isin(token, eos).any():
         n = min(k, max_new_tokens - produced - 1)      # never draft past the budget
         drafts, draft_probs = draft(model, pending_hidden, pending_next, pending_valid, mtp_cache, n, sampling,
-                                    vocab)
+                                    vocab, pending_positions)
         block = torch.cat([token] + drafts)[None]       # [1, n+1]: last token, then the drafts
         hidden = model.model(block, None, cache, rollback=True)
         stats["main_forwards"] += 1
@@ -854,7 +1180,8 @@ def speculative_decode(model, input_ids, valid, max_new_tokens, k, sampling, eos
         new.append(kept)
         stream(kept[None])
         produced += len(kept)
-        pending_hidden, pending_next, pending_valid = hidden[:, :accepted + 1], kept[None], None
+        pending_hidden, pending_next = hidden[:, :accepted + 1], embed(kept[None])
+        pending_valid = pending_positions = None
     return torch.cat(new)[None]
 
 
@@ -889,8 +1216,10 @@ def check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, generator=None, draft_tokens=0,
-             draft_vocab_size=None, attention_mask=None, eos_token_id=None, stream=None):
-    """Decode up to max_new_tokens after input_ids [B, T] (left-padded rows: attention_mask).
+             draft_vocab_size=None, attention_mask=None, eos_token_id=None, stream=None, pixel_values=None,
+             image_grid_thw=None):
+    """Decode up to max_new_tokens after input_ids [B, T] (left-padded rows: attention_mask), with the
+    images pixel_values, image_grid_thw in the prompt if given (as for Qwen35.forward).
     temperature 0 is greedy. draft_tokens = k > 0 drafts k tokens per step with the MTP head and
     verifies them in one main-model forward of k+1 tokens: the output is exactly that of plain
     decoding (greedy), or has exactly its distribution (sampling).
@@ -908,9 +1237,10 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, ge
     if max_new_tokens == 0:
         return input_ids, stats
     stream = stream or (lambda tokens: None)
+    embeds, positions = model.embed_inputs(input_ids, valid, pixel_values, image_grid_thw)
     if draft_tokens:
-        new = speculative_decode(model, input_ids, valid, max_new_tokens, draft_tokens, sampling, eos, stats, stream,
-                                 draft_vocab_size or model.config.vocab_size)
+        new = speculative_decode(model, input_ids, embeds, positions, valid, max_new_tokens, draft_tokens, sampling,
+                                 eos, stats, stream, draft_vocab_size or model.config.vocab_size)
     else:
-        new = decode(model, input_ids, valid, max_new_tokens, sampling, eos, stats, stream)
+        new = decode(model, input_ids, embeds, positions, valid, max_new_tokens, sampling, eos, stats, stream)
     return torch.cat([input_ids, new], dim=1), stats

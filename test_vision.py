@@ -1,0 +1,400 @@
+"""
+Parity tests of the vision path: qwen35_mtp.py's section 7 and load.py's image handling against
+transformers 5.24's Qwen3_5(Moe)ForConditionalGeneration (fp32, eager), on the official-layout cases of
+conftest.py, whose checkpoints carry a random vision tower (2 blocks, a 5 x 5 position table).
+
+    1. the tower, 3-D positions, 3-D rotary
+    2. logits, losses and MTP logits with images in the sequence
+    3. decoding with images: cached steps, greedy parity, speculative decoding
+    4. loading, configs, bad input
+    5. images -> pixel_values, and the command line
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen3_5Config
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding, Qwen3_5VisionModel
+
+import qwen35_mtp
+from conftest import (GRIDS, IMAGE, MOE_CASE, all_tensors, assert_close, get_case, image_batch,
+                      image_tokens, max_diff, oracle_vl_forward, oracle_vl_mtp_logits, run_cli, write_checkpoint,
+                      write_word_tokenizer)
+from load import (config_from_hf, config_to_hf, describe, image_patches, image_settings, load_checkpoint,
+                  read_images, save_checkpoint)
+from qwen35_mtp import Cache, Qwen35Config, VisionTower, generate, mrope_positions, rotary_cos_sin
+
+DENSE_VL = "dense-tied-official"
+VL_CASES = [DENSE_VL, MOE_CASE]
+
+# Row 0: two images of different grids (same token count) between text; row 1: a 2-frame grid, left padded.
+PADDED = [[3, GRIDS[0], 4, GRIDS[1], 2], [2, GRIDS[2], 5]]
+# Unpadded (MtpModel takes no padding): an image at the very start, and a thin one.
+UNPADDED = [[GRIDS[3], 4, GRIDS[0], 3], [5, GRIDS[1], 9]]
+
+
+@pytest.fixture(scope="module", params=VL_CASES)
+def vl_case(request, tmp_path_factory):
+    return get_case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def dense_vl(tmp_path_factory):
+    return get_case(DENSE_VL, tmp_path_factory)
+
+
+def image_labels(batch):
+    """Labels -100 at image tokens, at padding and at each row's first real token (no real token before it
+    predicts it: the row before is padding, whose logits are arbitrary)."""
+    return batch.ids.masked_fill((batch.ids == IMAGE) | (batch.mask.cumsum(1) <= 1), -100)
+
+
+def forward(model, batch, **kwargs):
+    with torch.no_grad():
+        return model(batch.ids, attention_mask=batch.mask, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw,
+                     **kwargs)
+
+
+# ==============================================================================================
+# 1. The tower, 3-D positions, 3-D rotary
+
+def test_tower_matches_transformers(dense_vl):
+    """The tower alone (one row per image token) equals Qwen3_5VisionModel's pooler_output: two images,
+    then four (a 2-frame and a thin grid too); the 5 x 5 table is resampled both down and up."""
+    for grids in (GRIDS[:2], GRIDS):
+        grid_thw = torch.tensor(grids)
+        pixels = torch.randn(int(grid_thw.prod(-1).sum()), 1536, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = dense_vl.vl.model.visual(pixels, grid_thw=grid_thw).pooler_output
+            got = dense_vl.model.visual(pixels, grid_thw)
+        assert_close(got, expected, f"tower {grids}")
+        assert expected.abs().max() > 0.3
+
+
+def test_positions_match_get_rope_index(dense_vl):
+    """3-D positions equal transformers' get_rope_index: left padding, two images in a row, an image at the
+    very start, a 2-frame grid; and the rope deltas a cache derives from them equal transformers' too."""
+    batch = image_batch([PADDED[0], UNPADDED[0], PADDED[1]], seed=2)
+    expected, deltas = dense_vl.vl.model.get_rope_index(batch.ids, mm_token_type_ids=batch.mm,
+                                                        image_grid_thw=batch.grid_thw, attention_mask=batch.mask)
+    positions = mrope_positions(batch.ids, batch.mask.bool(), batch.grid_thw, dense_vl.model.config)
+    assert torch.equal(positions, expected)
+    cache = Cache([])
+    cache.step(batch.mask.bool(), dense_vl.model.config, torch.float32, positions=positions)
+    assert torch.equal(cache.rope_deltas, deltas)
+
+
+@pytest.mark.parametrize("head_dim, theta, section", [(32, 1e4, [2, 1, 1]), (256, 1e7, [11, 11, 10])],
+                         ids=["tiny", "real"])
+def test_rotary_3d_matches_transformers(head_dim, theta, section):
+    """cos/sin of 3-D positions equal Qwen3_5TextRotaryEmbedding's, bit for bit, for the tiny and the real
+    rotary (64 of 256 dims, frequencies T H W interleaved); [B, T] positions, or three equal rows, give
+    exactly the ordinary 1-D RoPE."""
+    rope = dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.25, mrope_section=section,
+                mrope_interleaved=True)
+    hf = Qwen3_5TextRotaryEmbedding(Qwen3_5Config(text_config=dict(head_dim=head_dim, rope_parameters=rope)).text_config)
+    config = Qwen35Config(vocab_size=8, hidden_size=8, num_hidden_layers=4, num_attention_heads=1, num_key_value_heads=1,
+                          linear_num_key_heads=1, linear_num_value_heads=1, linear_key_head_dim=4,
+                          linear_value_head_dim=4, intermediate_size=8, head_dim=head_dim, rope_theta=theta,
+                          mrope_section=tuple(section))
+    positions = torch.randint(0, 5000, (3, 2, 40), generator=torch.Generator().manual_seed(3))
+    cos, sin = rotary_cos_sin(positions, config, torch.float32)
+    hf_cos, hf_sin = hf(torch.zeros(1), positions)
+    assert torch.equal(cos, hf_cos) and torch.equal(sin, hf_sin)
+    text = positions[0]
+    cos_1d, sin_1d = rotary_cos_sin(text, config, torch.float32)
+    cos_3d, sin_3d = rotary_cos_sin(text.expand(3, -1, -1), config, torch.float32)
+    assert torch.equal(cos_1d, cos_3d) and torch.equal(sin_1d, sin_3d)
+
+
+# ==============================================================================================
+# 2. Logits, losses and MTP logits with images in the sequence
+
+def test_logits_and_loss_with_images_match_oracle(vl_case):
+    """A left-padded batch with three images (two of different grids in one row, a 2-frame one in the
+    other): logits at real tokens and the loss (labels -100 at image tokens, see image_labels) equal
+    Qwen3_5(Moe)ForConditionalGeneration's. With text positions instead, the logits would be far off."""
+    batch = image_batch(PADDED, seed=4)
+    labels = image_labels(batch)
+    ref, _, _ = oracle_vl_forward(vl_case.vl, batch, labels=labels)
+    out = forward(vl_case.model, batch, labels=labels, mtp=False)
+    real = batch.mask.bool()
+    assert_close(out.logits[real], ref.logits[real], f"{vl_case.name} logits with images")
+    assert_close(out.loss, ref.loss, f"{vl_case.name} loss with images")
+    with torch.no_grad():
+        embeds, _ = vl_case.model.embed_inputs(batch.ids, real, batch.pixels, batch.grid_thw)
+        text_positions = vl_case.model.model(batch.ids, real, embeds=embeds)
+    assert max_diff(vl_case.model.lm_head(text_positions)[real], ref.logits[real]) > 1e-2
+
+
+def test_mtp_logits_with_images_match_oracle(vl_case):
+    """MTP row t reads h_t, the MERGED input embedding of token t+1 (the image feature at image tokens)
+    and the main model's 3-D position of t: equal to transformers' MtpModel layer fed the VL oracle's own
+    merged embeddings and positions. The MTP loss is CE against token t+2. Feeding the placeholder's
+    token embedding instead, or the positions of t+1, changes the logits (the test sees both)."""
+    batch = image_batch(UNPADDED, seed=5)
+    labels = batch.ids.masked_fill(batch.ids == IMAGE, -100)
+    batch.mask = None
+    ref, embeds, positions = oracle_vl_forward(vl_case.vl, batch)
+    ref_mtp = oracle_vl_mtp_logits(vl_case.vl, vl_case.mtp, embeds, ref.hidden_states[-1], positions)
+    out = forward(vl_case.model, batch, labels=labels)
+    assert_close(out.mtp_logits, ref_mtp, f"{vl_case.name} MTP logits with images")
+    expected_loss = torch.nn.functional.cross_entropy(ref_mtp[:, :-1].flatten(0, 1), labels[:, 2:].flatten(),
+                                                      ignore_index=-100)
+    assert_close(out.mtp_loss, expected_loss, f"{vl_case.name} MTP loss with images")
+    model = vl_case.model
+    with torch.no_grad():
+        merged, _ = model.embed_inputs(batch.ids, None, batch.pixels, batch.grid_thw)
+        placeholders = model.mtp_logits(model.model.embed_tokens(batch.ids), out.hidden, None, 1, positions)[0]
+        next_positions = model.mtp_logits(merged, out.hidden, None, 1, positions[..., 1:])[0]
+    assert max_diff(placeholders, ref_mtp) > 0.1 and max_diff(next_positions, ref_mtp) > 1e-3
+
+
+def test_backward_with_images_matches_oracle(dense_vl):
+    """Gradients of the loss with images equal the oracle's, for the vision tower's weights too."""
+    batch = image_batch(PADDED, seed=6)
+    labels = image_labels(batch)
+    model = load_checkpoint(dense_vl.path).requires_grad_(True)
+    vl = dense_vl.vl
+    vl.zero_grad()
+    vl(input_ids=batch.ids, attention_mask=batch.mask, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw,
+       mm_token_type_ids=batch.mm, labels=labels).loss.backward()
+    model(batch.ids, labels=labels, attention_mask=batch.mask, mtp=False, pixel_values=batch.pixels,
+          image_grid_thw=batch.grid_thw).loss.backward()
+    oracle = dict(vl.model.visual.named_parameters(prefix="visual"))
+    oracle.update(vl.model.language_model.named_parameters(prefix="model"))
+    grads = {n: p.grad for n, p in model.named_parameters() if not n.startswith("mtp.")}
+    assert grads.keys() <= oracle.keys() and any(n.startswith("visual.") for n in grads)
+    scale = max(g.abs().max().item() for g in grads.values())
+    for n, g in grads.items():
+        assert_close(g, oracle[n].grad, f"grad {n}", tol=1e-5 * scale)
+    vl.zero_grad()
+
+
+# ==============================================================================================
+# 3. Decoding with images
+
+def test_cached_decoding_after_images_equals_full_forward(vl_case):
+    """Prefill a prompt with images into the cache, then feed the text after it (a 3-token step, then
+    single tokens): every step's logits equal the full forward's, so the positions after the images
+    continue where they should (rope deltas), per row of a left-padded batch."""
+    batch = image_batch([row + [12] for row in PADDED], seed=7)     # the prompt, then 12 text tokens
+    model, real = vl_case.model, batch.mask.bool()
+    full = forward(model, batch, mtp=False).logits
+    T, P = batch.ids.shape[1], batch.ids.shape[1] - 12
+    with torch.no_grad():
+        cache = Cache(model.config.layer_types)
+        embeds, positions = model.embed_inputs(batch.ids[:, :P], real[:, :P], batch.pixels, batch.grid_thw)
+        got = [model.model(batch.ids[:, :P], real[:, :P], cache, embeds=embeds, positions=positions)]
+        for a, b in [(P, P + 3)] + [(t, t + 1) for t in range(P + 3, T)]:
+            got.append(model.model(batch.ids[:, a:b], None, cache))
+        got = model.lm_head(torch.cat(got, dim=1))
+    assert_close(got[real], full[real], f"{vl_case.name} cached steps after images")
+
+
+def test_greedy_generate_with_images_matches_transformers(tmp_path_factory):
+    """Greedy tokens after a left-padded prompt with images equal transformers' generate (untied MoE: its
+    output does not just repeat the last token)."""
+    case = get_case(MOE_CASE, tmp_path_factory)
+    batch = image_batch(PADDED, seed=8)
+    expected = case.vl.generate(input_ids=batch.ids, attention_mask=batch.mask, pixel_values=batch.pixels,
+                                image_grid_thw=batch.grid_thw, mm_token_type_ids=batch.mm, max_new_tokens=20,
+                                do_sample=False, pad_token_id=0)
+    ours, _ = generate(case.model, batch.ids, 20, attention_mask=batch.mask, pixel_values=batch.pixels,
+                       image_grid_thw=batch.grid_thw)
+    assert torch.equal(ours, expected)
+    assert len(set(ours[:, -20:].flatten().tolist())) > 4
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_with_images_is_lossless(vl_case, k, monkeypatch):
+    """Speculative decoding after a prompt with an image gives plain greedy decoding's tokens; and every
+    round's first draft equals the argmax of the uncached MTP logits at the end of the accepted prefix,
+    so the head's cache holds the image rows at the right positions. (The uncached forward is built by
+    hand: generated tokens are text even when one happens to be the image token id.)"""
+    recorded = []
+
+    def recording_draft(model_, hidden, next_embeds, valid, mtp_cache, *rest):
+        drafts, probs = real_draft(model_, hidden, next_embeds, valid, mtp_cache, *rest)
+        if drafts:
+            recorded.append((len(mtp_cache), drafts[0].item()))
+        return drafts, probs
+
+    real_draft = qwen35_mtp.draft
+    monkeypatch.setattr(qwen35_mtp, "draft", recording_draft)
+    batch = image_batch([[2, GRIDS[0], 3]], seed=9)
+    model, images = vl_case.model, dict(pixel_values=batch.pixels, image_grid_thw=batch.grid_thw)
+    plain, _ = generate(model, batch.ids, 24, **images)
+    spec, stats = generate(model, batch.ids, 24, draft_tokens=k, **images)
+    assert torch.equal(spec, plain) and stats["drafted"] > 0
+    P, T = batch.ids.shape[1], spec.shape[1]
+    with torch.no_grad():
+        embeds, positions = model.embed_inputs(batch.ids, None, **images)
+        after = torch.arange(P, T) + positions.max() + 1 - P          # text after the prompt: +1 per token
+        embeds = torch.cat([embeds, model.model.embed_tokens(spec[:, P:])], dim=1)
+        positions = torch.cat([positions, after.expand(3, 1, -1)], dim=2)
+        hidden = model.model(spec, embeds=embeds, positions=positions)
+        mtp_choice = model.mtp_logits(embeds, hidden, None, 1, positions)[0][0].argmax(-1)
+    for rows, first_draft in recorded:                # rows (h_t, x_{t+1}) in the cache: row rows-1 is the last
+        assert mtp_choice[rows - 1].item() == first_draft
+
+
+# ==============================================================================================
+# 4. Loading, configs, bad input
+
+def test_loader_is_strict_about_the_tower(dense_vl, tmp_path):
+    """A missing or misshapen vision tensor is named; tower tensors without a vision_config are refused;
+    without model.visual.* tensors the model is text only (visual None) and says so if given images."""
+    tensors, config = dense_vl.tensors, dense_vl.config
+    key = "model.visual.blocks.1.attn.qkv.bias"
+    with pytest.raises(ValueError, match=r"missing.*visual\.blocks\.1\.attn\.qkv\.bias"):
+        load_checkpoint(write_checkpoint(tmp_path / "missing", {k: v for k, v in tensors.items() if k != key}, config))
+    with pytest.raises(ValueError, match=r"model\.visual\.blocks\.1\.attn\.qkv\.bias has shape \(95,\).*\(96,\)"):
+        load_checkpoint(write_checkpoint(tmp_path / "shape", {**tensors, key: tensors[key][:95]}, config))
+    no_vision = {k: v for k, v in config.items() if k != "vision_config"}
+    with pytest.raises(ValueError, match="model.visual.*config.json has no vision_config"):
+        load_checkpoint(write_checkpoint(tmp_path / "no-config", tensors, no_vision))
+    text_only = {k: v for k, v in tensors.items() if not k.startswith("model.visual.")}
+    model = load_checkpoint(write_checkpoint(tmp_path / "text", text_only, config))
+    assert model.visual is None and model.config.vision is None
+    batch = image_batch([[2, GRIDS[0], 3]], seed=10)
+    with pytest.raises(ValueError, match="no vision tower"):
+        model(batch.ids, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw)
+
+
+def test_vl_checkpoint_round_trips(dense_vl, tmp_path):
+    """save_checkpoint writes the tower as model.visual.* and its config; loading it back gives the same
+    model (same config, same logits with images)."""
+    save_checkpoint(dense_vl.model, tmp_path)
+    assert any(k.startswith("model.visual.") for k in all_tensors(tmp_path))
+    model = load_checkpoint(str(tmp_path))
+    assert model.config == dense_vl.model.config
+    assert config_from_hf(config_to_hf(model.config)) == model.config
+    batch = image_batch(PADDED, seed=11)
+    assert torch.equal(forward(model, batch).logits, forward(dense_vl.model, batch).logits)
+
+
+# the published vision_config of Qwen3.5-27B (the 35B-A3B one differs only in out_hidden_size 2048)
+REAL_VISION = dict(deepstack_visual_indexes=[], depth=27, hidden_act="gelu_pytorch_tanh", hidden_size=1152,
+                   in_channels=3, initializer_range=0.02, intermediate_size=4304, model_type="qwen3_5", num_heads=16,
+                   num_position_embeddings=2304, out_hidden_size=5120, patch_size=16, spatial_merge_size=2,
+                   temporal_patch_size=2)
+
+
+def test_real_vision_config_builds_transformers_tower():
+    """The published vision_config parses, and builds (on the meta device) exactly transformers' tower:
+    the same parameter names and shapes, 460.7M parameters."""
+    d = {"image_token_id": 248056, "vision_start_token_id": 248053, "vision_end_token_id": 248054,
+         "vision_config": REAL_VISION,
+         "text_config": dict(vocab_size=248320, hidden_size=5120, num_hidden_layers=4, num_attention_heads=24,
+                             num_key_value_heads=4, linear_num_key_heads=16, linear_num_value_heads=48,
+                             linear_key_head_dim=128, linear_value_head_dim=128, intermediate_size=17408,
+                             rope_parameters=dict(rope_type="default", rope_theta=10000000, partial_rotary_factor=0.25,
+                                                  mrope_section=[11, 11, 10], mrope_interleaved=True))}
+    config = config_from_hf(d)
+    v = config.vision
+    assert (v.depth, v.hidden_size, v.num_heads, v.head_dim, v.out_hidden_size) == (27, 1152, 16, 72, 5120)
+    assert config.mrope_section == (11, 11, 10) and config.image_token_id == 248056
+    with torch.device("meta"):
+        theirs = Qwen3_5VisionModel._from_config(Qwen3_5Config(vision_config=REAL_VISION).vision_config)
+        ours = VisionTower(v)
+    shapes = lambda m: {k: tuple(p.shape) for k, p in m.state_dict().items()}
+    assert shapes(ours) == shapes(theirs)
+    assert round(sum(p.numel() for p in ours.parameters()) / 1e6, 1) == 460.7
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["vision_config"].update(deepstack_visual_indexes=[8, 16]), "deepstack_visual_indexes=\\[8, 16\\]"),
+    (lambda d: d["vision_config"].update(hidden_act="gelu"), "vision_config field hidden_act='gelu'"),
+    (lambda d: d["vision_config"].update(patch_size=[16, 16]), "config field patch_size=\\[16, 16\\] \\(list\\)"),
+    (lambda d: d["vision_config"].update(num_position_embeddings=2300), "num_position_embeddings=2300 is not a square"),
+    (lambda d: d["vision_config"].update(out_hidden_size=32), "vision out_hidden_size=32 must equal hidden_size=64"),
+    (lambda d: d["text_config"]["rope_parameters"].update(mrope_interleaved=False), "mrope_interleaved=False"),
+    (lambda d: d["text_config"]["rope_parameters"].update(mrope_section=[2, 2]), "mrope_section=\\(2, 2\\)"),
+], ids=["deepstack", "act", "patch list", "table", "width", "not interleaved", "section"])
+def test_bad_vision_configs_are_named(dense_vl, edit, message):
+    d = json.loads(json.dumps(dense_vl.config))
+    edit(d)
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(d)
+
+
+def test_bad_image_inputs_are_named(dense_vl):
+    """Image tokens that do not match the grids, pixel rows of the wrong width, or a grid without pixels."""
+    model, batch = dense_vl.model, image_batch([[2, GRIDS[0], 3]], seed=12)
+    ids = batch.ids.clone()
+    ids[0, 4] = 7                                               # one image token fewer
+    with pytest.raises(ValueError, match="input_ids hold 5 image tokens.*the images make 6"):
+        model(ids, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw)
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(24, 1535\); expected \[patches, 1536\]"):
+        model(batch.ids, pixel_values=batch.pixels[:, 1:], image_grid_thw=batch.grid_thw)
+    with pytest.raises(ValueError, match="image_grid_thw covers 48 patches, but pixel_values has 24"):
+        model(batch.ids, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw * torch.tensor([2, 1, 1]))
+    with pytest.raises(ValueError, match="pixel_values and image_grid_thw go together"):
+        model(batch.ids, pixel_values=batch.pixels)
+
+
+# ==============================================================================================
+# 5. Images -> pixel_values, and the command line
+
+def noise(width, height, mode="RGB", seed=0):
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+
+
+QWEN35_PROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+@pytest.mark.parametrize("images, max_pixels", [
+    ([noise(37, 91), noise(91, 37, seed=1)], 4096 ** 2),             # tiny: scaled up to >= 256^2 pixels
+    ([noise(300, 200), noise(17, 500), noise(400, 272)], 4096 ** 2),  # 400 x 272: 12.5 and 8.5 round to even
+    ([noise(64, 48, "RGBA"), noise(50, 70, "L")], 4096 ** 2),         # transparency onto white; grey
+    ([noise(300, 200), noise(1000, 37)], 128 ** 2),                   # scaled down to <= max_pixels
+], ids=["small", "odd", "modes", "large"])
+def test_image_patches_match_transformers(dense_vl, tmp_path, images, max_pixels):
+    """pixel_values and grids equal transformers' Qwen2VLImageProcessorPil with Qwen3.5's settings, bit for
+    bit, on random images of odd sizes; preprocessor_config.json's size (pixel counts) is read."""
+    size = {"shortest_edge": 256 ** 2, "longest_edge": max_pixels}
+    expected = Qwen2VLImageProcessorPil(size=size, **QWEN35_PROCESSOR)(images, return_tensors="pt")
+    with open(tmp_path / "preprocessor_config.json", "w") as f:
+        json.dump({"size": size, **QWEN35_PROCESSOR}, f)
+    settings = image_settings(str(tmp_path), dense_vl.model.config.vision)
+    patches, grids = zip(*(image_patches(image, **settings) for image in images))
+    assert torch.equal(torch.tensor(grids), expected["image_grid_thw"])
+    assert torch.equal(torch.cat(patches), expected["pixel_values"])
+
+
+@pytest.mark.subprocess
+def test_cli_with_an_image(dense_vl, tmp_path):
+    """`load.py CKPT --image FILE --prompt TEXT` streams what generate returns for vision_start, the
+    image's tokens, vision_end, then the prompt (MTP drafts on)."""
+    path = write_checkpoint(tmp_path / "ckpt", dense_vl.tensors, dense_vl.config)
+    tokenizer = write_word_tokenizer(path)
+    noise(70, 40).save(tmp_path / "image.png")
+    result = run_cli(path, "--image", tmp_path / "image.png", "--prompt", "the cat sat", "--max-new-tokens", 8,
+                     "--draft-tokens", 2)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "image.png") as image:
+        pixels, grid = image_patches(image, **image_settings(path, dense_vl.model.config.vision))
+    assert grid == (1, 14, 22)                                   # 70 x 40 -> 352 x 224 (>= 256^2 pixels)
+    text = tokenizer.encode("the cat sat").ids
+    ids = torch.tensor([image_tokens(*grid) + text])
+    out, _ = generate(dense_vl.model, ids, 8, pixel_values=pixels, image_grid_thw=torch.tensor([grid]))
+    assert result.stdout == tokenizer.decode(text + out[0, ids.shape[1]:].tolist()) + "\n"
+
+
+def test_info_describes_the_tower_and_videos_are_refused(dense_vl, tmp_path):
+    """--info's description names the tower's sizes and parameters; a file Pillow cannot read (a video)
+    is refused by name (the command line prints such errors as one line, status 2)."""
+    tower = sum(p.numel() for p in dense_vl.model.visual.parameters())
+    assert (f"vision tower: 2 blocks, width 32, 2 heads (head_dim 16), MLP 64, patch 16x16x2 frames, merge 2x2 "
+            f"-> 64, {tower:,} ") in describe(dense_vl.path)
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    settings = image_settings(dense_vl.path, dense_vl.model.config.vision)
+    with pytest.raises(ValueError, match="clip.mp4: not an image file Pillow can read \\(videos are not supported\\)"):
+        read_images([tmp_path / "clip.mp4"], settings)
