@@ -38,8 +38,8 @@ from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, MOE_CASE, REPO, T_LONG
                       start_cli, tiny_model, write_checkpoint, write_word_tokenizer)
 from fast import speed_up
 from load import config_from_hf, load_checkpoint, prompt_codec, save_checkpoint
-from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, chunked_gated_delta_rule, generate,
-                        recurrent_gated_delta_rule, verify_drafts)
+from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, chunked_gated_delta_rule, draft, draft_head,
+                        generate, recurrent_gated_delta_rule, verify_drafts)
 from train import acceptance_counts, demo_config, evaluate, stdlib_corpus, train
 
 # ==============================================================================================
@@ -589,17 +589,56 @@ def test_speculative_greedy_all_accepted(moe, k):
     assert stats["accepted_at"] == stats["drafted_at"]
 
 
-def test_speculative_with_a_draft_vocabulary():
-    """Drafting among the first 64 of 128 token ids: tokens beyond it are never drafted, so fewer
-    drafts pass, and the output is still exactly greedy."""
+@pytest.mark.parametrize("form", ["first-64", "set-64"])
+def test_speculative_with_a_draft_vocabulary(form, one_thread):
+    """Drafting among 64 of 128 token ids, the first 64 (draft_vocab_size) or a scattered set (draft_vocab):
+    tokens outside it are never drafted, so fewer drafts pass, and the output is still exactly greedy."""
     model = agreeing_model()
     prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(4))
+    vocab = dict(draft_vocab_size=64) if form == "first-64" else \
+        dict(draft_vocab=torch.randperm(128, generator=torch.Generator().manual_seed(5))[:64])
     plain, _ = generate(model, prompt, 40)
-    spec, stats = generate(model, prompt, 40, draft_tokens=2, draft_vocab_size=64)
+    spec, stats = generate(model, prompt, 40, draft_tokens=2, **vocab)
     assert torch.equal(spec, plain)
     assert 0 < stats["accepted"] < stats["drafted"]
+
+
+def test_draft_among_a_set_of_ids(one_thread):
+    """draft() with a set of ids drafts the head's argmax over those ids, as a full token id, and when
+    sampling returns q over the whole vocabulary: the head's softmax renormalised over the set, zero
+    elsewhere."""
+    model = tiny_model(seed=3)
+    ids = torch.tensor([100, 3, 77, 50, 9])                       # not sorted, not the first ids
+    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        hidden = model.model(prompt[:, :-1])
+        def first_draft(head, sampling):
+            return draft(model, hidden, prompt[:, 1:], None, Cache(["full_attention"]), 1, sampling, head)
+        every = first_draft(draft_head(model, None, None), Sampling(1.0))[1][0]    # q over all 128 ids
+        greedy, _ = first_draft(draft_head(model, ids, None), Sampling())
+        _, (q,) = first_draft(draft_head(model, ids, None), Sampling(1.0))
+    assert greedy[0].item() == ids[every[ids].argmax()].item() != every.argmax().item()
+    assert torch.allclose(q[ids], every[ids] / every[ids].sum()) and q.sum().item() == pytest.approx(1)
+    assert (q[[i for i in range(128) if i not in ids]] == 0).all()
+
+
+@pytest.mark.parametrize("draft_vocab, message", [
+    (torch.tensor([3, 5, 3]), r"draft_vocab holds repeated ids: \[3\]"),
+    (torch.tensor([3, 128]), r"draft_vocab ids must lie in \[0, 128\); got min 3, max 128"),
+    (torch.tensor([], dtype=torch.long), "draft_vocab is empty"),
+    (torch.tensor([[1, 2]]), "draft_vocab must be a 1-D tensor of integer token ids; got a 2-D torch.int64 tensor"),
+    (torch.tensor([1.0, 2.0]), "got a 1-D torch.float32 tensor"),
+    ([1, 2], "draft_vocab must be a 1-D tensor of integer token ids; got list"),
+], ids=["repeated", "out of range", "empty", "2-D", "float", "list"])
+def test_bad_draft_vocabulary(draft_vocab, message):
+    """Each way a draft vocabulary can be wrong is named; a set and a size at once are refused."""
+    model, prompt = tiny_model(), torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt, 4, draft_tokens=1, draft_vocab=draft_vocab)
     with pytest.raises(ValueError, match="draft_vocab_size must be in 1..128"):
         generate(model, prompt, 4, draft_tokens=1, draft_vocab_size=129)
+    with pytest.raises(ValueError, match="give draft_vocab .* or draft_vocab_size .*, not both"):
+        generate(model, prompt, 4, draft_tokens=1, draft_vocab=torch.tensor([1]), draft_vocab_size=2)
 
 
 def test_rollback_restores_cache_exactly():
@@ -705,6 +744,32 @@ def test_verify_drafts_sampling_rule_preserves_target(draft_vocab):
         accepted, token = verify_drafts([d[0] for d in drafts], list(q), logits, Sampling(1.0, 1.0, gen))
         counts[drafts[0] if accepted > 0 else token] += 1
     assert chi2_statistic(counts, p[0].double()) < chi2_critical(V - 1, 1e-3)
+
+
+def test_sampling_with_a_set_draft_vocabulary_preserves_target(one_thread):
+    """Sampling through draft() with a scattered set of ids (3 of 8: q is zero on the other 5) and then
+    verify_drafts: the first token emitted follows the main model's p exactly (chi-square, false-alarm
+    rate 1e-3), though q differs from p. One round on a fixed context, repeated. Drafts of id 3 (p ~ 0)
+    are always rejected, of id 1 mostly accepted; placing q at the wrong ids, or drafting row numbers
+    instead of ids, gives a statistic above 1000 here (computed exactly)."""
+    V, N = 8, 2000
+    model = tiny_model(vocab_size=V, seed=7)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)                              # sharpen: p and q far from uniform
+    prompt = torch.tensor([[1, 5, 2, 7, 3]])                      # context, then the last token kept
+    sampling = Sampling(1.0, 1.0, torch.Generator().manual_seed(17))
+    head = draft_head(model, torch.tensor([3, 6, 1]), None)
+    counts = torch.zeros(V, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1:].expand(2, -1)       # p after the last token (row 2: unused)
+        hidden = model.model(prompt[:, :-1])
+        for _ in range(N):
+            drafts, q = draft(model, hidden, prompt[:, 1:], None, Cache(["full_attention"]), 1, sampling, head)
+            accepted, token = verify_drafts(drafts, q, logits, sampling)
+            counts[drafts[0] if accepted else token] += 1
+    p = torch.softmax(logits[0], -1).double()
+    assert (p - q[0]).abs().sum() / 2 > 0.15 and 0.5 < counts[1] / N < 0.95   # both paths are taken
+    assert chi2_statistic(counts, p) < chi2_critical(V - 1, 1e-3)
 
 
 def test_speculative_sampling_preserves_distribution():
