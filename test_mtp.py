@@ -980,15 +980,18 @@ def test_prompt_needs_a_tokenizer_unless_byte_level(byte_checkpoint):
 
 @pytest.mark.subprocess
 def test_cli_errors(word_checkpoint, tmp_path):
-    """A wrong path, drafts without an MTP head, a prompt that cannot be encoded: one line on stderr,
-    exit status 2, no traceback. Neither --prompt nor --info: argparse's usage error, also status 2.
+    """A wrong path, drafts without an MTP head, a prompt that cannot be encoded, a missing draft
+    vocabulary file: one line on stderr, exit status 2, no traceback. No task (--prompt, --info,
+    --build-draft-vocab): argparse's usage error, also status 2.
     The runs go in parallel: each is mostly Python and torch starting up."""
     save_checkpoint(Qwen35(demo_config("tiny", mtp_num_hidden_layers=0)), tmp_path / "no-mtp")
     cases = [
         ([tmp_path / "no-such-checkpoint", "--prompt", "hi"], "checkpoint directory not found: "),
         ([tmp_path / "no-mtp", "--prompt", "def", "--draft-tokens", 2], "draft_tokens > 0 needs an MTP head"),
         ([word_checkpoint.path, "--prompt", "the zebra"], "cannot encode the prompt 'the zebra'"),
-        ([word_checkpoint.path], "one of the arguments --prompt --info is required"),
+        ([word_checkpoint.path, "--prompt", "the", "--draft-vocab", tmp_path / "none.json", "--draft-tokens", 1],
+         "cannot read the draft vocabulary "),
+        ([word_checkpoint.path], "one of the arguments --prompt --info --build-draft-vocab is required"),
     ]
     processes = [start_cli(*args) for args, _ in cases]
     for process, (args, message) in zip(processes, cases):
