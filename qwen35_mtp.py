@@ -802,7 +802,7 @@ def draft(model, hidden, next_tokens, valid, mtp_cache, n, sampling, head):
     feeds back the head's own post-norm output with draft i-1, one position later (as vLLM does);
     those chained rows are dropped from the cache afterwards, since the verified rows replace them.
     head = (rows, ids) from draft_head: drafts are chosen among those rows and mapped to token ids.
-    Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from."""
+    Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from ([V] each)."""
     if n == 0:
         return [], []
     rows, ids = head
@@ -936,8 +936,8 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, ge
     among those ids only; draft_vocab_size = N is the shorthand for ids 0..N-1 (byte-level BPE ids
     are merge ranks, so low ids are frequent in the text the merges were learned on; for Qwen3.5 that
     excludes every Chinese character, which start at id 95726). The output is unchanged, since drafts
-    are only proposals (the draft distribution is zero outside the set); a token outside the set is
-    never drafted, so acceptance drops by the share of such tokens in the output.
+    are only proposals (the draft distribution is zero outside the set); but a token outside the set
+    is never drafted, so the draft at its position is always rejected.
     Returns ids [B, T + n] and stats {drafted, accepted, main_forwards (after the prefill),
     drafted_at, accepted_at (per draft position)}."""
     sampling = Sampling(temperature, top_p, generator)
