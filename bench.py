@@ -78,6 +78,22 @@ def median_time(fn, runs, warmup=1):
     return statistics.median(times)
 
 
+def median_ratios(base, fns, runs):
+    """The median time of base(), and of each fn's time over base's, the fns timed right after base in
+    every run, so that the load of a shared machine, which changes from second to second, cancels in
+    the ratios."""
+    for fn in [base, *fns.values()]:
+        fn()                                               # warm up
+    times = {name: [] for name in [None, *fns]}
+    for _ in range(runs):
+        for name, fn in [(None, base), *fns.items()]:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return (statistics.median(times[None]),
+            {name: statistics.median(t / b for t, b in zip(times[name], times[None])) for name in fns})
+
+
 def header(title):
     print(f"\n{title}\n  {'':44s} {'ours':>10s} {'theirs':>10s}  {'unit':9s} cost ratio", flush=True)
 
@@ -404,16 +420,14 @@ def speculative_08b(path_08b, quick, coverage):
             model.lm_head(model.model(ids[:, :1], None, cache)[0]).argmax(-1)
 
         def verify_step(T):                                # verify T tokens, then roll all of them back
+            before = len(cache)
             model.lm_head(model.model(ids[:, :T], None, cache, rollback=True)[0]).argmax(-1)
-            cache.crop(base)
+            cache.crop(before)
 
         def draft_step(head):                             # one greedy draft, as generate() makes it
             draft(model, hidden[:, -1:], ids[:, -1:], None, mtp_cache, 1, Sampling(), head)
             mtp_cache.crop(mtp_base)
 
-        runs = 3 if quick else 9                           # a busy machine: more runs for the medians
-        plain = median_time(plain_step, runs)
-        base = len(cache)
         # a set's rows are gathered once per generate call, so a draft costs the same as over the first N
         # ids; which N ids does not matter to the time (random ones here)
         heads = {"all ids": draft_head(model, None, None)}
@@ -421,13 +435,16 @@ def speculative_08b(path_08b, quick, coverage):
             heads[f"first {n}"] = draft_head(model, None, n)
             heads[f"set of {n}"] = draft_head(model, torch.randperm(V, generator=torch.Generator().manual_seed(n))[:n],
                                              None)
-        draft_cost = {name: median_time(lambda: draft_step(head), runs) / plain for name, head in heads.items()}
-        report("spec08", "plain decode step (T=1)", plain * 1e3, unit="ms")
-        for name, cost in draft_cost.items():
-            report("spec08", f"one MTP draft, {name}{'' if name == 'all ids' else ' ids'} / plain step", cost, unit="x")
-        verify = {k: median_time(lambda: verify_step(k + 1), runs) / plain for k in (1, 2, 3)}
-        for k in (1, 2, 3):
-            report("spec08", f"verify k={k} ({k + 1} tokens) / plain step", verify[k], unit="x")
+        steps = {("verify", k): (lambda k=k: verify_step(k + 1)) for k in (1, 2, 3)}
+        steps.update({("draft", name): (lambda head=head: draft_step(head)) for name, head in heads.items()})
+        plain, ratio = median_ratios(plain_step, steps, 3 if quick else 9)
+    report("spec08", "plain decode step (T=1)", plain * 1e3, unit="ms")
+    draft_cost = {name: ratio[("draft", name)] for name in heads}
+    for name, cost in draft_cost.items():
+        report("spec08", f"one MTP draft, {name}{'' if name == 'all ids' else ' ids'} / plain step", cost, unit="x")
+    verify = {k: ratio[("verify", k)] for k in (1, 2, 3)}
+    for k in (1, 2, 3):
+        report("spec08", f"verify k={k} ({k + 1} tokens) / plain step", verify[k], unit="x")
     for k in (1, 2, 3):
         for alpha in (0.65, 0.8, 0.9):
             report("spec08", f"  speedup k={k}, acceptance {alpha}, all ids",
