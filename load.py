@@ -21,9 +21,12 @@ From the command line (see main at the end):
     python load.py Qwen3.5-0.8B/ --prompt "The capital of France is" --draft-tokens 2
     python load.py Qwen3.5-0.8B/ --image photo.jpg --prompt "Describe this image."
     python load.py Qwen3.5-0.8B/ --info        # what the checkpoint holds, without loading weights
+    python load.py Qwen3.5-0.8B/ --build-draft-vocab 32768 --text en.txt zh.txt --weights 1 1
+    python load.py Qwen3.5-0.8B/ --prompt "你好" --draft-tokens 2 --draft-vocab Qwen3.5-0.8B/draft_vocab.json
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -42,7 +45,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from fast import speed_up
-from qwen35_mtp import LAYER_TYPES, Qwen35, Qwen35Config, VisionConfig, generate
+from qwen35_mtp import LAYER_TYPES, Qwen35, Qwen35Config, VisionConfig, check_draft_vocab, generate
 
 # Experts appear fused in official main layers (mlp.experts.gate_up_proj [E, 2I, H],
 # mlp.experts.down_proj [E, H, I]: the model's own layout) but per expert in the official MTP layer
@@ -463,24 +466,30 @@ def count(n):
     return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f}M)"
 
 
-def prompt_codec(path, prompt, vocab_size):
-    """The prompt's token ids and a decode(ids) -> str: the checkpoint's own tokenizer.json, or raw UTF-8
-    bytes for a byte-level checkpoint (vocab 256, no tokenizer.json: the one `python train.py` writes)."""
+def text_codec(path, vocab_size):
+    """encode_batch(texts) -> [ids] and decode(ids) -> str for a checkpoint: its own tokenizer.json, or raw
+    UTF-8 bytes for a byte-level checkpoint (vocab 256, no tokenizer.json: the one `python train.py` writes)."""
     file = os.path.join(path, "tokenizer.json")
     if os.path.exists(file):
         try:
             tokenizer = Tokenizer.from_file(file)
         except Exception as e:
             raise ValueError(f"{file}: cannot read the tokenizer: {e}") from e
-        encode = lambda text: tokenizer.encode(text).ids
+        encode_batch = lambda texts: [e.ids for e in tokenizer.encode_batch(texts)]
         decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
     elif vocab_size == 256:
-        encode = lambda text: list(text.encode("utf-8"))
+        encode_batch = lambda texts: [list(text.encode("utf-8")) for text in texts]
         decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
     else:
         raise ValueError(f"{path} has no tokenizer.json (only byte-level checkpoints, vocab 256, go without)")
+    return encode_batch, decode
+
+
+def prompt_codec(path, prompt, vocab_size):
+    """The prompt's token ids and the checkpoint's decode(ids) -> str."""
+    encode_batch, decode = text_codec(path, vocab_size)
     try:
-        ids = encode(prompt)
+        ids = encode_batch([prompt])[0]
     except Exception as e:                  # e.g. a word-level tokenizer without an unknown token
         raise ValueError(f"the tokenizer cannot encode the prompt {prompt!r}: {e}") from e
     if not ids:
@@ -493,21 +502,148 @@ def prompt_codec(path, prompt, vocab_size):
     return ids, decode
 
 
+# ----------------------------------------------------------------------------------------------
+# Draft vocabularies: the token ids most frequent in text, for generate(draft_vocab=...)
+#
+# Qwen3.5's ids are BPE merge ranks, so the first N ids are the merges learned first: bytes, English
+# and code. Not one of the first 95,726 holds a Chinese character. A draft vocabulary counted on text
+# like the text to be generated covers it whatever its language.
+
+LINE_START = re.compile(r"(?<=\n)(?=\S)")     # where a line starts with a non-space character
+
+
+def text_chunks(text, size=1 << 16):
+    """The text in chunks of about `size` characters, each cut where a line starts with a non-space
+    character. Qwen3.5's pre-tokenizer never joins across such a cut (every piece with a newline ends
+    there), so the chunks encode to the ids of the whole text (a test checks), in parallel batches and
+    bounded memory. (A tokenizer that treats the start of a text specially would differ at the cuts.)"""
+    chunk, length = [], 0
+    for piece in LINE_START.split(text):
+        chunk.append(piece)
+        length += len(piece)
+        if length >= size:
+            yield "".join(chunk)
+            chunk, length = [], 0
+    if chunk:
+        yield "".join(chunk)
+
+
+def count_tokens(encode_batch, texts, batch=64):
+    """How often each token id occurs in the texts (a Counter)."""
+    counts = Counter()
+    chunks = (chunk for text in texts for chunk in text_chunks(text))
+    while group := list(itertools.islice(chunks, batch)):
+        for ids in encode_batch(group):
+            counts.update(ids)
+    return counts
+
+
+def rank_tokens(counts, weights=None):
+    """Token ids, most frequent first (ties: the lower id). counts: one Counter per source of text.
+    Without weights the counts add up, so a source weighs as much as it has tokens. With weights each
+    source's counts are first divided by its own total: source i then makes up weights[i] / sum(weights)
+    of the mix, however long its text."""
+    scale = [1.0] * len(counts) if weights is None else \
+        [w / max(sum(c.values()), 1) for c, w in zip(counts, weights)]
+    score = Counter()
+    for c, s in zip(counts, scale):
+        for i, n in c.items():
+            score[i] += s * n
+    return sorted(score, key=lambda i: (-score[i], i))
+
+
+def build_draft_vocab(path, size, files, weights=None):
+    """A draft vocabulary for the checkpoint at `path`: the `size` token ids most frequent in the text
+    files (UTF-8), counted with the checkpoint's tokenizer and mixed by `weights` (see rank_tokens).
+    Returns what the command line writes as draft_vocab.json: the ids, most frequent first, and per
+    file its tokens, its share of the mix and the share of its tokens the ids cover (in-sample, so
+    optimistic for other text)."""
+    if weights is not None and len(weights) != len(files):
+        raise ValueError(f"{len(weights)} weight(s) for {len(files)} text file(s): give one weight per file")
+    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(f"weights must be >= 0 with a positive sum; got {weights}")
+    if size <= 0:
+        raise ValueError(f"the draft vocabulary size must be > 0; got {size}")
+    vocab_size = read_config(path).vocab_size
+    encode_batch, _ = text_codec(path, vocab_size)
+    counts = []
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                counts.append(count_tokens(encode_batch, [f.read()]))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the text file {file} (UTF-8 expected): {e}") from e
+    # a tokenizer id the model has no row for could not be drafted anyway
+    ids = [i for i in rank_tokens(counts, weights) if i < vocab_size][:size]
+    if not ids:
+        raise ValueError(f"the text files {list(map(str, files))} hold no tokens")
+    tokens = [sum(c.values()) for c in counts]
+    shares = [n / sum(tokens) for n in tokens] if weights is None else [w / sum(weights) for w in weights]
+    kept = set(ids)
+    texts = [dict(file=os.path.basename(file), tokens=n, share=round(share, 4),
+                  covered=round(sum(c[i] for i in kept) / max(n, 1), 4))
+             for file, c, n, share in zip(files, counts, tokens, shares)]
+    return dict(vocab_size=vocab_size, size=len(ids), distinct_ids_seen=len(set().union(*counts)), texts=texts,
+                ids=ids)
+
+
+def read_draft_vocab(file, vocab_size):
+    """The ids of a draft vocabulary file, as a tensor for generate(draft_vocab=...), checked against
+    the model's vocabulary size."""
+    try:
+        with open(file) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the draft vocabulary {file}: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("ids"), list):
+        raise ValueError(f"{file} is not a draft vocabulary: expected a JSON object with a list \"ids\"")
+    if doc.get("vocab_size") != vocab_size:
+        raise ValueError(f"{file} was built for a vocabulary of {doc.get('vocab_size')} ids; this model has "
+                         f"{vocab_size}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in doc["ids"]):
+        raise ValueError(f"{file}: \"ids\" must hold integer token ids only")
+    ids = torch.tensor(doc["ids"], dtype=torch.long)
+    try:
+        check_draft_vocab(ids, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+    return ids
+
+
+def describe_draft_vocab(doc, file):
+    lines = [f"draft vocabulary: the {doc['size']:,} most frequent of {doc['distinct_ids_seen']:,} distinct ids "
+             f"in {sum(t['tokens'] for t in doc['texts']):,} tokens, written to {file}"]
+    lines += [f"  {t['file']}: {t['tokens']:,} tokens, {t['share']:.1%} of the mix, {t['covered']:.1%} of them in "
+              "the draft vocabulary" for t in doc["texts"]]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate text with a Qwen3.5 checkpoint, optionally "
-                                     "drafting with its MTP head, or describe what the checkpoint holds.")
+                                     "drafting with its MTP head, describe what the checkpoint holds, or build "
+                                     "a draft vocabulary for it from text.")
     parser.add_argument("checkpoint", help="directory with config.json and safetensors file(s)")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--prompt", help="text to continue")
     task.add_argument("--info", action="store_true", help="describe the checkpoint without loading weights")
+    task.add_argument("--build-draft-vocab", type=int, metavar="N", help="count the tokens of the --text files "
+                      "with the checkpoint's tokenizer and write the N most frequent ids as a draft vocabulary "
+                      "(to --draft-vocab FILE, by default CHECKPOINT/draft_vocab.json)")
+    parser.add_argument("--text", nargs="+", metavar="FILE", help="UTF-8 text files to count (--build-draft-vocab)")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="one per --text file: its share "
+                        "of the mix, however long it is (default: each file weighs as much as it has tokens)")
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
                         help="an image to put before the prompt (repeatable; needs a vision tower; no videos)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--draft-tokens", type=int, default=0, help="k MTP drafts per step (0 = plain)")
-    parser.add_argument("--draft-vocab-size", type=int, help="draft among the first N token ids only (cheaper "
-                        "drafts on a large vocabulary; the output is unchanged)")
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument("--draft-vocab", metavar="FILE", help="draft among the token ids of this file only "
+                       "(cheaper drafts on a large vocabulary; the output is unchanged); built with "
+                       "--build-draft-vocab, which writes it")
+    vocab.add_argument("--draft-vocab-size", type=int, metavar="N", help="draft among the first N token ids "
+                       "only (right for English and code, wrong for Chinese, Japanese, Korean: see the README)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="auto = as stored")
     parser.add_argument("--device", default="cpu")
@@ -516,10 +652,19 @@ def main(argv=None):
     fail = lambda e: parser.exit(2, f"{parser.prog}: error: {e}\n")   # one line, no traceback
     if args.max_new_tokens < 0:
         fail(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    if (args.build_draft_vocab is None) == bool(args.text) or args.weights and not args.text:
+        fail("--build-draft-vocab N and --text FILE [FILE ...] (with optional --weights) go together")
 
     try:
         if args.info:
             print(describe(args.checkpoint))
+            return
+        if args.build_draft_vocab is not None:
+            file = args.draft_vocab or os.path.join(args.checkpoint, "draft_vocab.json")
+            doc = build_draft_vocab(args.checkpoint, args.build_draft_vocab, args.text, args.weights)
+            with open(file, "w") as f:
+                json.dump(doc, f)
+            print(describe_draft_vocab(doc, file))
             return
         config = read_config(args.checkpoint)                      # check the prompt before loading weights
         ids, decode = prompt_codec(args.checkpoint, args.prompt, config.vocab_size)
@@ -530,13 +675,15 @@ def main(argv=None):
             pixel_values, grids = read_images(args.image, image_settings(args.checkpoint, config.vision))
             before = image_prompt(grids, config)
             images = dict(pixel_values=pixel_values.to(args.device), image_grid_thw=grids.to(args.device))
+        draft_vocab = read_draft_vocab(args.draft_vocab, config.vocab_size) if args.draft_vocab else None
         model = load_checkpoint(args.checkpoint, None if args.dtype == "auto" else getattr(torch, args.dtype),
                                 args.device)
         if images and model.visual is None:
             raise ValueError(f"--image needs a vision tower; {args.checkpoint} holds no model.visual.* tensors")
         prompt = torch.tensor([before + ids], device=args.device)
         options = dict(temperature=args.temperature, top_p=args.top_p, draft_tokens=args.draft_tokens,
-                       draft_vocab_size=args.draft_vocab_size, eos_token_id=model.config.eos_token_id,
+                       draft_vocab=draft_vocab, draft_vocab_size=args.draft_vocab_size,
+                       eos_token_id=model.config.eos_token_id,
                        generator=None if args.seed is None else
                        torch.Generator(args.device).manual_seed(args.seed))
         generate(model, prompt, 0, **options)   # checks the options (drafts need an MTP head), decodes nothing

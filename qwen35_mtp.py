@@ -1105,27 +1105,42 @@ def decode(model, input_ids, embeds, positions, valid, max_new_tokens, sampling,
         stats["main_forwards"] += 1
 
 
-def draft(model, hidden, next_embeds, valid, mtp_cache, n, sampling, vocab, positions=None):
+def draft_head(model, draft_vocab, draft_vocab_size):
+    """The lm_head rows the MTP head drafts from [N, H] and the token id of each row [N] (None: row i
+    is token i). Taken once per generate call, so that each draft reads N rows of lm_head instead of
+    V: a set of ids (draft_vocab) is gathered into a copy, the first N ids (draft_vocab_size) are a
+    view; neither given, all V rows."""
+    weight = model.lm_head.weight
+    if draft_vocab is not None:
+        ids = draft_vocab.to(weight.device, torch.long)
+        return weight[ids], ids
+    return weight[:draft_vocab_size], None
+
+
+def draft(model, hidden, next_embeds, valid, mtp_cache, n, sampling, head, positions=None):
     """Add the MTP rows (hidden_t, next_embeds_t) to the head's cache (at `positions`, if given: a
     prompt with images), then draft n tokens. Draft i > 0 feeds back the head's own post-norm output
     with draft i-1, one position later (as vLLM does); those chained rows are dropped from the cache
-    afterwards, since the verified rows replace them. Drafts are text and come from the first `vocab`
-    rows of lm_head (a view, no copy).
-    Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from."""
+    afterwards, since the verified rows replace them. Drafts are text: head = (rows, ids) from
+    draft_head, drafts are chosen among those rows and mapped to token ids.
+    Returns the drafts ([1] each) and, when sampling, the distributions they were drawn from ([V] each)."""
     if n == 0:
         return [], []
+    rows, ids = head
+    V = model.config.vocab_size
     embed = model.model.embed_tokens
     if valid is None:
         valid = torch.ones(next_embeds.shape[:2], dtype=torch.bool, device=next_embeds.device)
     h = model.mtp(hidden, next_embeds, valid, mtp_cache, positions=positions)[:, -1:]
     committed = len(mtp_cache)
-    head = model.lm_head.weight[:vocab]
     drafts, probs = [], []
     for i in range(n):
-        logits = F.linear(h[:, -1], head)
-        drafts.append(pick(logits, sampling))
-        if sampling.temperature > 0:   # q over the whole vocabulary, zero beyond the draft vocabulary
-            probs.append(F.pad(token_probs(logits, sampling)[0], (0, model.config.vocab_size - vocab)))
+        logits = F.linear(h[:, -1], rows)                # [1, N]
+        row = pick(logits, sampling)
+        drafts.append(row if ids is None else ids[row])
+        if sampling.temperature > 0:   # q over the whole vocabulary, zero outside the draft vocabulary
+            q = token_probs(logits, sampling)[0]
+            probs.append(F.pad(q, (0, V - len(q))) if ids is None else q.new_zeros(V).index_copy(0, ids, q))
         if i + 1 < n:
             h = model.mtp(h, embed(drafts[-1][:, None]), valid[:, -1:], mtp_cache)
     mtp_cache.crop(committed)
@@ -1133,7 +1148,7 @@ def draft(model, hidden, next_embeds, valid, mtp_cache, n, sampling, vocab, posi
 
 
 def speculative_decode(model, input_ids, embeds, positions, valid, max_new_tokens, k, sampling, eos, stats,
-                       stream, vocab):
+                       stream, head):
     """Draft k tokens with MTP, verify them in one main-model forward of k+1 tokens, keep the agreeing
     prefix and roll the caches back past the rest (batch 1). embeds, positions: as for `decode`.
 
@@ -1163,7 +1178,7 @@ def speculative_decode(model, input_ids, embeds, positions, valid, max_new_token
     while produced < max_new_tokens and not torch.isin(token, eos).any():
         n = min(k, max_new_tokens - produced - 1)      # never draft past the budget
         drafts, draft_probs = draft(model, pending_hidden, pending_next, pending_valid, mtp_cache, n, sampling,
-                                    vocab, pending_positions)
+                                    head, pending_positions)
         block = torch.cat([token] + drafts)[None]       # [1, n+1]: last token, then the drafts
         hidden = model.model(block, None, cache, rollback=True)
         stats["main_forwards"] += 1
@@ -1185,8 +1200,25 @@ def speculative_decode(model, input_ids, embeds, positions, valid, max_new_token
     return torch.cat(new)[None]
 
 
+def check_draft_vocab(ids, V):
+    """A draft vocabulary is a non-empty 1-D tensor of distinct token ids in [0, V). Distinct: a repeated
+    id would be counted twice in the draft distribution q."""
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or ids.dtype == torch.bool or ids.is_floating_point() \
+            or ids.is_complex():
+        what = f"a {ids.ndim}-D {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"draft_vocab must be a 1-D tensor of integer token ids; got {what}")
+    if len(ids) == 0:
+        raise ValueError("draft_vocab is empty: it needs at least one token id")
+    if ids.min() < 0 or ids.max() >= V:
+        raise ValueError(f"draft_vocab ids must lie in [0, {V}); got min {ids.min().item()}, max {ids.max().item()}")
+    values, counts = ids.unique(return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"draft_vocab holds repeated ids: {values[counts > 1][:10].tolist()}; each id must "
+                         "appear once")
+
+
 def check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens, attention_mask,
-                        draft_vocab_size):
+                        draft_vocab, draft_vocab_size):
     V = model.config.vocab_size
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor; got shape {tuple(input_ids.shape)}")
@@ -1207,6 +1239,10 @@ def check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens
     if draft_tokens and len(model.mtp.layers) != 1:
         raise ValueError(f"speculative decoding drives one MTP layer (as every Qwen3.5 checkpoint has); this "
                          f"model has {len(model.mtp.layers)}")
+    if draft_vocab is not None and draft_vocab_size is not None:
+        raise ValueError("give draft_vocab (a set of token ids) or draft_vocab_size (the first N ids), not both")
+    if draft_vocab is not None:
+        check_draft_vocab(draft_vocab, V)
     if draft_vocab_size is not None and not 0 < draft_vocab_size <= V:
         raise ValueError(f"draft_vocab_size must be in 1..{V}; got {draft_vocab_size}")
     if draft_tokens and input_ids.shape[0] != 1:
@@ -1216,21 +1252,26 @@ def check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, generator=None, draft_tokens=0,
-             draft_vocab_size=None, attention_mask=None, eos_token_id=None, stream=None, pixel_values=None,
-             image_grid_thw=None):
+             draft_vocab=None, draft_vocab_size=None, attention_mask=None, eos_token_id=None, stream=None,
+             pixel_values=None, image_grid_thw=None):
     """Decode up to max_new_tokens after input_ids [B, T] (left-padded rows: attention_mask), with the
     images pixel_values, image_grid_thw in the prompt if given (as for Qwen35.forward).
     temperature 0 is greedy. draft_tokens = k > 0 drafts k tokens per step with the MTP head and
     verifies them in one main-model forward of k+1 tokens: the output is exactly that of plain
     decoding (greedy), or has exactly its distribution (sampling).
     stream, if given, is called with each batch of final new tokens [B, n] as they come.
-    draft_vocab_size = N drafts among token ids < N only: each draft then reads N rows of lm_head
-    instead of all V (byte-level BPE ids are merge ranks, so low ids are the frequent tokens). The
-    output is unchanged, since drafts are only proposals; acceptance may drop.
+    A draft vocabulary makes each draft read N rows of lm_head instead of all V: draft_vocab = ids
+    (a 1-D tensor of distinct token ids, e.g. the N most frequent in the text to be generated) drafts
+    among those ids only; draft_vocab_size = N is the shorthand for ids 0..N-1 (byte-level BPE ids
+    are merge ranks, so low ids are frequent in the text the merges were learned on; for Qwen3.5 that
+    excludes every Chinese character, which start at id 95726). The output is unchanged, since drafts
+    are only proposals (the draft distribution is zero outside the set); but a token outside the set
+    is never drafted, so the draft at its position is always rejected.
     Returns ids [B, T + n] and stats {drafted, accepted, main_forwards (after the prefill),
     drafted_at, accepted_at (per draft position)}."""
     sampling = Sampling(temperature, top_p, generator)
-    check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens, attention_mask, draft_vocab_size)
+    check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens, attention_mask, draft_vocab,
+                        draft_vocab_size)
     valid = None if attention_mask is None else attention_mask.bool()
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).long().view(-1)
     stats = dict(drafted=0, accepted=0, main_forwards=0, drafted_at=[0] * draft_tokens, accepted_at=[0] * draft_tokens)
@@ -1240,7 +1281,7 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, ge
     embeds, positions = model.embed_inputs(input_ids, valid, pixel_values, image_grid_thw)
     if draft_tokens:
         new = speculative_decode(model, input_ids, embeds, positions, valid, max_new_tokens, draft_tokens, sampling,
-                                 eos, stats, stream, draft_vocab_size or model.config.vocab_size)
+                                 eos, stats, stream, draft_head(model, draft_vocab, draft_vocab_size))
     else:
         new = decode(model, input_ids, embeds, positions, valid, max_new_tokens, sampling, eos, stats, stream)
     return torch.cat([input_ids, new], dim=1), stats

