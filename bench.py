@@ -7,6 +7,7 @@ several runs.
     python bench.py            # the full run (~8 min on 2 cores): 0.8B-shape random checkpoint
     python bench.py --quick    # a smoke test on tiny shapes (seconds)
     python bench.py --sections coverage,spec08      # draft vocabularies only
+    python bench.py --device cuda       # the GPU figures: ours, ours + fast.py, transformers with and without fla
 
 Sections: machine limits, prefill, decode, load to first logits (fresh processes), training step,
 MTP speculative decoding (spec: the demo checkpoint), the coverage of held-out text by draft
@@ -20,6 +21,7 @@ import argparse
 import ast
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -33,6 +35,8 @@ from collections import Counter
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")      # no progress bars or kernel notices
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if os.environ.get("BENCH_WITHOUT_FLA"):                        # a --device cuda variant without fla's kernels:
+    sys.modules["fla"] = None                                   # transformers then finds no fla and falls back
 
 import numpy
 import torch
@@ -409,7 +413,7 @@ def speculative_08b(path_08b, quick, coverage):
     model = speed_up(load_checkpoint(path_08b, dtype=torch.bfloat16))
     V = model.config.vocab_size
     ids = torch.randint(0, V, (1, 65), generator=torch.Generator().manual_seed(2))
-    cache, mtp_cache = Cache(model.config.layer_types), Cache(["full_attention"])
+    cache, mtp_cache = Cache(model.config.layer_types, 200), Cache(["full_attention"], 200)
     sizes = draft_vocab_sizes(quick)
     with torch.no_grad():
         hidden = model.model(ids[:, :64], None, cache)
@@ -453,6 +457,161 @@ def speculative_08b(path_08b, quick, coverage):
         projected_with_draft_vocabularies(coverage, draft_cost, verify, sizes)
 
 
+# ----------------------------------------------------------------------------------------------
+# --device cuda: the GPU figures (bf16, batch 1 unless said), each implementation in its own process
+#
+#   ours        the reference as written (plain PyTorch, eager)
+#   ours+fast   fast.speed_up(model, compile=True): fla's chunked rule, compiled decoding as CUDA graphs
+#   hf          transformers 5.24 without fla (its pure-PyTorch fallback)
+#   hf+fla      transformers 5.24 with fla's kernels, when fla is importable
+
+GPU_VARIANTS = ("ours", "ours+fast", "hf", "hf+fla")
+
+
+def device_time(fn, device, runs, warmup=2):
+    """Median seconds of fn(), synchronising the GPU around each run."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device):
+    """Peak GPU memory (GB) allocated while fn() runs (None off the GPU)."""
+    if device != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def gpu_figures(variant, path, quick, device):
+    """{figure: value} for one implementation, measured in this process."""
+    lengths, decode_after, train_shape = ((64, 128), 64, (2, 64)) if quick else ((512, 2048, 8192), 512, (4, 2048))
+    runs = 3 if quick else 5
+    ours = variant.startswith("ours")
+    if ours:
+        model = load_checkpoint(path, dtype=torch.bfloat16, device=device)
+        if variant == "ours+fast":
+            speed_up(model, compile=True)
+        prefill = lambda ids: model.lm_head(model.model(ids)[:, -1])
+        decode = lambda ids, n: generate(model, ids, n)
+    else:
+        model = Qwen3_5ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        prefill = lambda ids: model(ids, logits_to_keep=1)
+        decode = lambda ids, n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                               pad_token_id=0)
+    V, figures = model.config.vocab_size, {}
+    ids = lambda B, T: torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
+    with torch.no_grad():
+        for T in lengths:
+            x = ids(1, T)
+            figures[f"prefill T={T}, ms"] = device_time(lambda: prefill(x), device, runs) * 1e3
+        x, n = ids(1, decode_after), 16 if quick else 64
+        full, first = (device_time(lambda k=k: decode(x, k), device, 2, warmup=1) for k in (n + 1, 1))
+        figures[f"decode, ms/token after {decode_after}"] = (full - first) / n * 1e3
+    B, T = train_shape
+    x = ids(B, T)
+    model.requires_grad_(True)
+    for with_mtp in ((False, True) if ours else (False,)):
+        def step():
+            out = model(x, labels=x, mtp=with_mtp) if ours else model(x, labels=x)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+        name = f"training step B={B} T={T}{' with the MTP loss' if with_mtp else ''}"
+        try:
+            figures[f"{name}, ms"] = device_time(step, device, runs, warmup=1) * 1e3
+            figures[f"{name}, peak GB"] = peak_memory(step, device)
+        except Exception as e:                                # e.g. a kernel that refuses this GPU
+            figures[f"{name}, ms"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+    model.requires_grad_(False)
+    if ours:
+        figures.update(mtp_costs(model, quick, device))
+    return figures
+
+
+def mtp_costs(model, quick, device):
+    """A draft (over all ids, over the first 32768) and a verification of k+1 tokens, in plain decode
+    steps, and the speedups they project (as speculative_08b does)."""
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, 65), generator=torch.Generator().manual_seed(2)).to(device)
+    cache, mtp_cache = Cache(model.config.layer_types, 256), Cache(["full_attention"], 256)
+    runs, costs = (3 if quick else 9), {}
+    with torch.no_grad():
+        hidden = model.model(ids[:, :64], None, cache)
+        model.mtp(hidden, model.model.embed_tokens(ids[:, 1:65]), torch.ones(1, 64, dtype=torch.bool, device=device),
+                  mtp_cache)
+        mtp_base = len(mtp_cache)
+
+        def step(T):                                  # T tokens through the backbone, then undone
+            before = len(cache)
+            model.lm_head(model.model(ids[:, :T], None, cache, rollback=True)[0]).argmax(-1)
+            cache.crop(before)
+
+        def one_draft(head):
+            draft(model, hidden[:, -1:], model.model.embed_tokens(ids[:, -1:]), None, mtp_cache, 1, Sampling(), head)
+            mtp_cache.crop(mtp_base)
+
+        plain = device_time(lambda: step(1), device, runs)
+        verify = {k: device_time(lambda k=k: step(k + 1), device, runs) / plain for k in (1, 2, 3)}
+        drafts = {"all ids": draft_head(model, None, None), "first 32768": draft_head(model, None, min(32768, V))}
+        drafts = {name: device_time(lambda h=head: one_draft(h), device, runs) / plain for name, head in drafts.items()}
+    costs["MTP: plain decode step, ms"] = plain * 1e3
+    costs.update({f"MTP: verify k={k} ({k + 1} tokens) / plain step": v for k, v in verify.items()})
+    costs.update({f"MTP: one draft, {name} / plain step": v for name, v in drafts.items()})
+    for name, cost in drafts.items():
+        for k in (1, 2):
+            for alpha in (0.65, 0.8, 0.9):
+                costs[f"MTP: projected speedup k={k}, acceptance {alpha}, {name}"] = \
+                    project_speedup(alpha, k, verify[k], cost)
+    return costs
+
+
+def gpu_suite(quick, device):
+    """Run each variant in a fresh process (fla hidden from 'ours' and 'hf'), then print one table."""
+    random_checkpoint(os.path.join("runs", "bench", "quick" if quick else "qwen3.5-0.8b-random"),
+                      QUICK if quick else REAL_08B)                     # the children load it
+    fla = importlib.util.find_spec("fla") is not None
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, "
+          f"fla {'importable' if fla else 'absent'}; bf16, random weights of the "
+          f"{'tiny' if quick else 'Qwen3.5-0.8B'} shape")
+    results = {}
+    for variant in GPU_VARIANTS:
+        if variant == "hf+fla" and not fla:
+            continue
+        out = os.path.join("runs", "bench", f"gpu-{variant}.json")
+        env = {**os.environ, "BENCH_WITHOUT_FLA": "" if variant.endswith(("fla", "fast")) else "1"}
+        child = subprocess.run([sys.executable, "bench.py", "--device", device, "--variant", variant, "--json", out]
+                               + (["--quick"] if quick else []), env=env, capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+        if child.returncode:
+            print(f"  {variant}: failed\n{child.stderr[-2000:]}")
+            continue
+        results[variant] = json.load(open(out))
+    names = list(dict.fromkeys(name for figures in results.values() for name in figures))
+    print(f"\n  {'figure':58s}" + "".join(f"{v:>13s}" for v in results) + "  ours+fast / hf+fla, hf")
+    for name in names:
+        values = [results[v].get(name) for v in results]
+        cells = "".join(f"{v:13.2f}" if isinstance(v, float) else f"{str(v or '-')[:12]:>13s}" for v in values)
+        fast, ratios = results.get("ours+fast", {}).get(name), []
+        for base in ("hf+fla", "hf"):
+            theirs = results.get(base, {}).get(name)
+            if isinstance(fast, float) and isinstance(theirs, float) and theirs:
+                ratios.append(f"{fast / theirs:.2f}")
+        print(f"  {name:58s}{cells}  {', '.join(ratios)}")
+        rows.append(dict(section="gpu", what=name, **{v: results[v].get(name) for v in results}))
+
+
 SECTIONS = ("machine", "prefill", "load", "train", "spec", "coverage", "spec08")
 
 
@@ -462,7 +621,24 @@ def main():
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of: " + ", ".join(SECTIONS)
                         + " (default: all; spec08 projects per text only with coverage)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU figures, each implementation in its own process")
+    parser.add_argument("--gpu-suite", action="store_true", help="the GPU figures' code on --device cpu (a smoke "
+                        "test with --quick); implied by --device cuda")
+    parser.add_argument("--variant", choices=GPU_VARIANTS, help=argparse.SUPPRESS)   # a child of the GPU suite
     args = parser.parse_args()
+    if args.variant:
+        path = os.path.join("runs", "bench", "quick" if args.quick else "qwen3.5-0.8b-random")
+        figures = gpu_figures(args.variant, path, args.quick, args.device)
+        with open(args.json, "w") as f:
+            json.dump(figures, f)
+        return
+    if args.device == "cuda" or args.gpu_suite:
+        gpu_suite(args.quick, args.device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     sections = args.sections.split(",")
     if unknown := sorted(set(sections) - set(SECTIONS)):
         parser.error(f"unknown section(s) {unknown}; expected some of {', '.join(SECTIONS)}")

@@ -1,20 +1,33 @@
 """
 Speed-ups that leave the model's definitions alone, chosen in one place.
 
-qwen35_mtp.py is the reference: every projection is a plain `nn.Linear`, and the tests check those
-definitions against transformers. `speed_up(model)` swaps in faster equivalents where a benchmark
-(bench.py) showed that they pay, and test_mtp.py holds each one equal to the plain version.
+qwen35_mtp.py is the reference: plain `nn.Linear` projections, the plain gated delta rules, eager
+PyTorch, and the tests check those definitions against transformers. `speed_up(model)` swaps in
+faster equivalents where a benchmark (bench.py) showed that they pay or where the field has a kernel,
+and the tests hold each one equal to the plain version.
 
     from fast import speed_up
-    speed_up(model)          # e.g. before decoding; load.py's command line and train.py's demo do this
+    speed_up(model)                      # load.py's command line and train.py's demo do this
+    speed_up(model, compile=True)        # also compile the decoding steps (on a GPU: CUDA graphs)
 
-What it changes:
+What it changes, by device:
   - CPU, fp32, a few rows (decoding one token, verifying a few drafts): `FewRowLinear`.
+  - CUDA, when flash-linear-attention (fla) is importable: its chunked gated delta rule
+    (`fla_chunked_rule`) for prefill and training, as transformers uses it.
+  - compile=True: `compile_decoding`, torch.compile of the cached steps of at most
+    RECURRENT_MAX_TOKENS tokens (a decode step, a verification, a draft), which have static shapes
+    because the caches are preallocated and written in place; on CUDA in "reduce-overhead" mode, so
+    that a step replays as a CUDA graph.
 """
+
+import importlib.util
+import inspect
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from qwen35_mtp import RECURRENT_MAX_TOKENS, Cache, GatedDeltaNet
 
 
 class FewRowLinear(nn.Linear):
@@ -38,9 +51,52 @@ class FewRowLinear(nn.Linear):
         return (self.weight @ x2.t())[:, :rows].t().reshape(*x.shape[:-1], -1)
 
 
-def speed_up(model):
-    """Give every bias-free nn.Linear of the model the few-row fp32 CPU path (a no-op elsewhere)."""
+def fla_chunked_rule(q, k, v, g, beta, initial_state=None):
+    """chunked_gated_delta_rule through fla's fused Triton kernel (CUDA only): same arguments and
+    results. The matrix work runs in v's dtype (bf16 in bf16 models, as transformers runs it); q comes
+    already scaled, so the kernel's own scale is 1."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    o, state = chunk_gated_delta_rule(q.to(v.dtype), k.to(v.dtype), v, g.float(), beta.to(v.dtype), scale=1.0,
+                                      initial_state=initial_state, output_final_state=True)
+    return o.float(), state.float()
+
+
+def fla_available():
+    return torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
+
+
+def compile_decoding(model, **compile_options):
+    """torch.compile the backbone and the MTP head for cached steps of at most RECURRENT_MAX_TOKENS
+    tokens; everything else (prefill, training) stays eager. Each step length compiles once: the
+    step's tensors have the same shapes at every position (KV caches [B, kv_heads, capacity, hd],
+    masks [B, 1, T, capacity], the DeltaNet state written in place). The caches' bookkeeping on the
+    host (Cache.step: lengths, slots, masks) stays outside the compiled graphs."""
+    Cache.step = torch.compiler.disable(Cache.step)
+    model.model.forward = _compiled_for_short_steps(model.model.forward, "input_ids", compile_options)
+    if model.mtp is not None:
+        model.mtp.forward = _compiled_for_short_steps(model.mtp.forward, "next_embeds", compile_options)
+    return model
+
+
+def _compiled_for_short_steps(forward, tokens_argument, compile_options):
+    signature, compiled = inspect.signature(forward), torch.compile(forward, **compile_options)
+
+    def dispatch(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        cache, tokens = arguments.get("cache"), arguments[tokens_argument]
+        short = cache is not None and len(cache) > 0 and tokens.shape[1] <= RECURRENT_MAX_TOKENS
+        return (compiled if short else forward)(*args, **kwargs)
+    return dispatch
+
+
+def speed_up(model, compile=False):
+    """Apply what pays on the model's device (see the module docstring); returns the model."""
+    device = next(model.parameters()).device
     for module in model.modules():
         if type(module) is nn.Linear and module.bias is None:
-            module.__class__ = FewRowLinear
+            module.__class__ = FewRowLinear                    # a no-op off the CPU and in bf16
+        if isinstance(module, GatedDeltaNet) and device.type == "cuda" and fla_available():
+            module.chunked_rule = fla_chunked_rule
+    if compile:
+        compile_decoding(model, mode="reduce-overhead" if device.type == "cuda" else None)
     return model

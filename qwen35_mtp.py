@@ -214,19 +214,26 @@ def apply_rotary(x, cos, sin):
 # 3. Gated full attention
 
 class KVCache:
-    """Keys and values of one full-attention layer, [B, kv_heads, S, head_dim] each."""
+    """Keys and values of one full-attention layer, [B, kv_heads, capacity, head_dim] each, allocated at
+    the first write and then written in place at each step's slots (as in gpt-fast): their shapes
+    never change, so a decoding step can be compiled and replayed. Slots past the cached length are
+    masked out, so rolling back needs no work here."""
 
-    def __init__(self):
+    def __init__(self, capacity):
+        self.capacity = capacity
         self.k = self.v = None
 
-    def append(self, k, v):
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+    def write(self, k, v, slots):
+        """k, v [B, kv_heads, T, head_dim] into slots [T]; returns the whole buffers."""
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k, self.v = k.new_zeros(B, H, self.capacity, D), v.new_zeros(B, H, self.capacity, D)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
     def drop_last(self, n):
-        self.k, self.v = self.k[:, :, :self.k.shape[2] - n], self.v[:, :, :self.v.shape[2] - n]
+        pass
 
 
 class Attention(nn.Module):
@@ -253,7 +260,9 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_norm(k), step.cos, step.sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # [B, heads, T, head_dim]
         if cache is not None:
-            k, v = cache.append(k, v)                         # [B, kv_heads, S, head_dim]
+            cached = cache.write(k, v, step.slots)            # [B, kv_heads, capacity, head_dim] each
+            if step.over_cache:                               # not the first step: attend over the cache
+                k, v = cached
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.attn_mask, is_causal=step.is_causal,
                                              scale=self.head_dim ** -0.5, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
@@ -358,8 +367,8 @@ RECURRENT_MAX_TOKENS = 16
 
 
 class DeltaNetCache:
-    """Decoding state of one Gated DeltaNet layer: `conv`, the last K-1 conv inputs before the
-    activation [B, K-1, C], and `state`, the recurrent state [B, Hv, dk, dv] (fp32).
+    """Decoding state of one Gated DeltaNet layer, updated in place: `conv`, the last K-1 conv inputs
+    before the activation [B, K-1, C], and `state`, the recurrent state [B, Hv, dk, dv] (fp32).
 
     Unlike a KV cache, a recurrent state cannot be cropped: it has already absorbed every token. So a
     step that may be rolled back (verifying drafts) keeps what undoing it needs: its conv inputs, the
@@ -372,8 +381,13 @@ class DeltaNetCache:
     def update(self, conv_in, T, state, states=None):
         """conv_in [B, K-1+T, C]: the old window, then this step's T conv inputs; state: the final state;
         states [B, T, Hv, dk, dv]: the state after each token, given when the step may be rolled back."""
-        self.undo = None if states is None else (conv_in, self.state, states)
-        self.conv, self.state = conv_in[:, T:], state
+        if self.conv is None:
+            self.conv, self.state = conv_in[:, T:].clone(), state.clone()
+            self.undo = None if states is None else (conv_in, torch.zeros_like(state), states)
+            return
+        self.undo = None if states is None else (conv_in, self.state.clone(), states)
+        self.conv.copy_(conv_in[:, T:])
+        self.state.copy_(state)
 
     def drop_last(self, n):
         """Forget the last n tokens of the last step, as if they had never been fed."""
@@ -383,8 +397,8 @@ class DeltaNetCache:
             raise RuntimeError("a Gated DeltaNet cache can only roll back a step fed with rollback=True")
         conv_in, before, states = self.undo
         keep = states.shape[1] - n
-        self.conv = conv_in[:, keep:keep + self.conv.shape[1]]
-        self.state = before if keep == 0 else states[:, keep - 1]
+        self.conv.copy_(conv_in[:, keep:keep + self.conv.shape[1]])
+        self.state.copy_(before if keep == 0 else states[:, keep - 1])
         self.undo = None
 
 
@@ -408,6 +422,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.v_heads))
         self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+        self.chunked_rule = chunked_gated_delta_rule      # by name: fast.py may swap in a fused kernel
 
     def forward(self, x, step, cache=None):
         B, T, _ = x.shape
@@ -432,7 +447,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)   # log decay
         state = cache.state if cache is not None else None
         if cache is None or (T > RECURRENT_MAX_TOKENS and not step.rollback):
-            o, state = chunked_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+            o, state = self.chunked_rule(q, k, v, g, beta, initial_state=state)
         else:
             o, states = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
             state = states[:, -1]
@@ -516,43 +531,41 @@ class SparseMoE(nn.Module):
 
 @dataclass
 class Step:
-    """What every layer of one forward step shares: rotary tables, the attention mask, and which
-    tokens are padding."""
+    """What every layer of one forward step shares: rotary tables, the attention mask, which tokens
+    are padding, and where a cache keeps this step's tokens."""
     cos: torch.Tensor                # [B, T, rotary_dim]
     sin: torch.Tensor
     attn_mask: torch.Tensor = None   # bool [B, 1, T, S], True = may attend; None with is_causal
     is_causal: bool = False
     pad_mask: torch.Tensor = None    # [B, T, 1] 1.0 for real tokens, 0.0 for padding; None = no padding
+    slots: torch.Tensor = None       # [T]: the cache slots of this step's tokens
+    over_cache: bool = False         # attend over the whole cache (S = capacity), not only this step (S = T)
     rollback: bool = False           # keep what undoing this step's tokens needs (verifying drafts)
 
 
-def text_positions(valid, past_valid):
-    """Positions [B, T] of this step's tokens: how many real tokens come before each (0 at padding),
-    so a left-padded row computes exactly as an unpadded one."""
-    past = 0 if past_valid is None else past_valid.sum(1, keepdim=True)
-    return (past + valid.cumsum(1) - 1).clamp(min=0)
+def text_positions(valid):
+    """Positions [B, T]: how many real tokens come before each (0 at padding), so a left-padded row
+    computes exactly as an unpadded one."""
+    return (valid.cumsum(1) - 1).clamp(min=0)
 
 
-def make_step(valid, past_valid, config, dtype, rollback=False, positions=None):
-    """valid [B, T] bool: real tokens of this step; past_valid [B, P] bool: the cached ones.
-    positions: [B, T] or [3, B, T] (images, section 7); None counts real tokens (text_positions)."""
-    B, T = valid.shape
-    past = valid.new_zeros(B, 0) if past_valid is None else past_valid
-    positions = text_positions(valid, past_valid) if positions is None else positions
+def attention_mask(valid, query_at):
+    """bool [B, 1, T, S]: query i (at key index query_at[i]) may attend to the real keys up to itself
+    (valid [B, S]); and always to itself, so a padding row stays finite."""
+    key_at = torch.arange(valid.shape[1], device=valid.device)[None, :]
+    allowed = ((key_at <= query_at[:, None]) & valid[:, None, :]) | (key_at == query_at[:, None])
+    return allowed[:, None]
+
+
+def make_step(valid, config, dtype, positions=None):
+    """A step over its own tokens only (no cache, or the first step of one): valid [B, T] bool marks
+    the real ones; positions [B, T] or [3, B, T] (images, section 7), None: counted (text_positions)."""
+    positions = text_positions(valid) if positions is None else positions
     cos, sin = rotary_cos_sin(positions, config, dtype)
-    keys = torch.cat([past, valid], dim=1)                                 # [B, S]
-    if keys.all():
-        if past.shape[1] == 0:
-            return Step(cos, sin, is_causal=T > 1, rollback=rollback)
-        if T == 1:
-            return Step(cos, sin, rollback=rollback)
-    P, S = past.shape[1], keys.shape[1]
-    query_at = torch.arange(P, S, device=valid.device)[:, None]            # absolute index of each query
-    key_at = torch.arange(S, device=valid.device)[None, :]
-    # attend to earlier real tokens; and always to itself, so a padding row stays finite
-    allowed = ((key_at <= query_at) & keys[:, None, :]) | (key_at == query_at)
-    pad_mask = None if valid.all() else valid[..., None].to(dtype)
-    return Step(cos, sin, attn_mask=allowed[:, None], pad_mask=pad_mask, rollback=rollback)
+    if valid.all():
+        return Step(cos, sin, is_causal=valid.shape[1] > 1)
+    mask = attention_mask(valid, torch.arange(valid.shape[1], device=valid.device))
+    return Step(cos, sin, attn_mask=mask, pad_mask=valid[..., None].to(dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -576,37 +589,55 @@ class DecoderLayer(nn.Module):
 
 
 class Cache:
-    """Decoding state of a stack of layers (the backbone or the MTP head): one KVCache or
-    DeltaNetCache per layer, `valid` [B, S], which cached tokens are real (False = padding), and
-    `rope_deltas` [B, 1], set by a prompt with images: later positions are text_positions + rope_deltas."""
+    """Decoding state of a stack of layers (the backbone or the MTP head), for up to `capacity` tokens
+    per row: one KVCache or DeltaNetCache per layer, `valid` [B, capacity], which slots hold real
+    tokens (False: padding, or not written yet), `length`, how many slots are used, and `rope_deltas`
+    [B, 1], set by a prompt with images: later positions are the counted ones + rope_deltas."""
 
-    def __init__(self, layer_types):
-        self.layers = [DeltaNetCache() if t == "linear_attention" else KVCache() for t in layer_types]
+    def __init__(self, layer_types, capacity):
+        self.capacity = capacity
+        self.layers = [DeltaNetCache() if t == "linear_attention" else KVCache(capacity) for t in layer_types]
         self.valid = None
+        self.length = 0
         self.rope_deltas = None
 
     def __len__(self):
-        return 0 if self.valid is None else self.valid.shape[1]
+        return self.length
 
     def step(self, valid, config, dtype, rollback=False, positions=None):
-        """The Step for feeding `valid.shape[1]` more tokens; records them as cached. positions
-        [3, B, T]: given with images (section 7), and then every later step continues after them."""
+        """The Step for feeding T = valid.shape[1] more tokens; records them as cached. positions
+        [3, B, T]: given with images (section 7), and then every later step continues after them.
+        The first step attends over its own tokens only; later ones over the whole cache, masked."""
+        B, T = valid.shape
+        if self.length + T > self.capacity:
+            raise ValueError(f"a cache for {self.capacity} tokens cannot take {T} more after {self.length}")
+        if self.valid is None:
+            self.valid = valid.new_zeros(B, self.capacity)
+        slots = torch.arange(self.length, self.length + T, device=valid.device)
+        self.valid[:, self.length:self.length + T] = valid
+        first, self.length = self.length == 0, self.length + T
+        counted = text_positions(self.valid)[:, slots]                        # [B, T]
         if positions is not None:
             # the next position is the largest so far + 1, however far images moved it from the count
-            real = valid.sum(1, keepdim=True) + (0 if self.valid is None else self.valid.sum(1, keepdim=True))
-            self.rope_deltas = positions.amax(dim=(0, 2))[:, None] + 1 - real
+            self.rope_deltas = positions.amax(dim=(0, 2))[:, None] - counted[:, -1:]
         elif self.rope_deltas is not None:
-            positions = text_positions(valid, self.valid) + self.rope_deltas
-        step = make_step(valid, self.valid, config, dtype, rollback, positions)
-        self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
+            positions = counted + self.rope_deltas
+        if first:
+            step = make_step(valid, config, dtype, positions)
+        else:
+            cos, sin = rotary_cos_sin(counted if positions is None else positions, config, dtype)
+            step = Step(cos, sin, attn_mask=attention_mask(self.valid, slots), over_cache=True,
+                        pad_mask=None if valid.all() else valid[..., None].to(dtype))
+        step.slots, step.rollback = slots, rollback
         return step
 
     def crop(self, length):
         """Forget every token after the first `length` (the DeltaNet layers: within the last step,
         which must have been fed with rollback=True)."""
         for layer in self.layers:
-            layer.drop_last(len(self) - length)
-        self.valid = self.valid[:, :length]
+            layer.drop_last(self.length - length)
+        self.valid[:, length:] = False
+        self.length = length
 
 
 class TextModel(nn.Module):
@@ -628,7 +659,7 @@ class TextModel(nn.Module):
         x = self.embed_tokens(input_ids) if embeds is None else embeds
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
         step = cache.step(valid, self.config, x.dtype, rollback, positions) if cache is not None else \
-            make_step(valid, None, self.config, x.dtype, positions=positions)
+            make_step(valid, self.config, x.dtype, positions)
         if hidden_states is not None:
             hidden_states.append(x)
         for i, layer in enumerate(self.layers):
@@ -659,7 +690,7 @@ class MTPHead(nn.Module):
         later; valid [B, N] bool; positions: the rows' [3, B, N] positions with images (None: counted).
         Returns this head's output after `norm` [B, N, H] (feed it to lm_head)."""
         step = cache.step(valid, self.config, hidden.dtype, positions=positions) if cache is not None else \
-            make_step(valid, None, self.config, hidden.dtype, positions=positions)
+            make_step(valid, self.config, hidden.dtype, positions)
         # Qwen3.5 quirk: the embedding comes FIRST: fc.weight[:, :H] multiplies the embedding
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
         x = self.layers[layer](x, step, cache.layers[layer] if cache is not None else None)
@@ -1088,7 +1119,7 @@ def verify_drafts(drafts, draft_probs, logits, sampling):
 def decode(model, input_ids, embeds, positions, valid, max_new_tokens, sampling, eos, stats, stream):
     """Plain decoding: one main-model forward per token. Finished rows repeat their EOS. embeds and
     positions: the prompt's, from Qwen35.embed_inputs (with images, the cache continues the positions)."""
-    cache = Cache(model.config.layer_types)
+    cache = Cache(model.config.layer_types, input_ids.shape[1] + max_new_tokens)
     hidden = model.model(input_ids, valid, cache, embeds=embeds, positions=positions)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new = []
@@ -1162,7 +1193,10 @@ def speculative_decode(model, input_ids, embeds, positions, valid, max_new_token
                    then y, the main model's own token after them
         after      MTP cache: rows 1 .. t              pending: (h_{t+1}, d_1) .. (h_{t+a}, d_a), (h_{t+a+1}, y)
     The backbone cache drops the n - a rejected drafts (DeltaNet layers included, see DeltaNetCache)."""
-    cache, mtp_cache = Cache(model.config.layer_types), Cache(["full_attention"])
+    # the backbone never holds more than the prompt and max_new_tokens (drafts stop at the budget); the
+    # MTP head also holds a round's chained drafts for a moment
+    capacity = input_ids.shape[1] + max_new_tokens
+    cache, mtp_cache = Cache(model.config.layer_types, capacity), Cache(["full_attention"], capacity + k)
     embed = model.model.embed_tokens
     hidden = model.model(input_ids, valid, cache, embeds=embeds, positions=positions)
     token = pick(model.lm_head(hidden[:, -1]), sampling)

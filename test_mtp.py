@@ -541,7 +541,7 @@ def test_cached_steps_match_full_forward(moe):
     ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits
-        cache = Cache(model.config.layer_types)
+        cache = Cache(model.config.layer_types, 150)
         steps = [(0, 60), (60, 100), (100, 104), (104, 107)] + [(t, t + 1) for t in range(107, 150)]
         got = torch.cat([model.lm_head(model.model(ids[:, a:b], None, cache)) for a, b in steps], dim=1)
     assert (got - full).abs().max() <= 1e-5
@@ -617,7 +617,7 @@ def test_draft_among_a_set_of_ids(one_thread):
     with torch.no_grad():
         hidden = model.model(prompt[:, :-1])
         def first_draft(head, sampling):
-            return draft(model, hidden, model.model.embed_tokens(prompt[:, 1:]), None, Cache(["full_attention"]), 1,
+            return draft(model, hidden, model.model.embed_tokens(prompt[:, 1:]), None, Cache(["full_attention"], 20), 1,
                          sampling, head)
         every = first_draft(draft_head(model, None, None), Sampling(1.0))[1][0]    # q over all 128 ids
         greedy, _ = first_draft(draft_head(model, ids, None), Sampling())
@@ -647,22 +647,26 @@ def test_bad_draft_vocabulary(draft_vocab, message):
 
 
 def test_rollback_restores_cache_exactly():
-    """Feeding 4 tokens then dropping the last 2 leaves every layer's cache (KV, DeltaNet conv window
-    and state) as if only the first 2 had been fed, and decoding continues identically."""
+    """Feeding 4 tokens then dropping the last 2 leaves every layer's cache (the 26 KV slots in use,
+    the DeltaNet conv window and state, which slots are valid) as if only the first 2 had been fed,
+    with every buffer where it was (updated in place), and decoding continues identically."""
     model = tiny_model()
     ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        rolled, direct = Cache(model.config.layer_types), Cache(model.config.layer_types)
+        rolled, direct = Cache(model.config.layer_types, 150), Cache(model.config.layer_types, 150)
         model.model(ids[:, :24], None, rolled)
         model.model(ids[:, :24], None, direct)
+        buffers = [t.data_ptr() for layer in rolled.layers for t in vars(layer).values() if torch.is_tensor(t)]
         model.model(ids[:, 24:28], None, rolled, rollback=True)
         rolled.crop(26)
         model.model(ids[:, 24:26], None, direct)
         for a, b in zip(rolled.layers, direct.layers):
-            pairs = [(a.k, b.k), (a.v, b.v)] if isinstance(a, KVCache) else [(a.conv, b.conv), (a.state, b.state)]
+            pairs = [(a.k[:, :, :26], b.k[:, :, :26]), (a.v[:, :, :26], b.v[:, :, :26])] if isinstance(a, KVCache) \
+                else [(a.conv, b.conv), (a.state, b.state)]
             for x, y in pairs:
                 assert x.shape == y.shape and (x - y).abs().max() <= 1e-6
-        assert torch.equal(rolled.valid, direct.valid)
+        assert torch.equal(rolled.valid, direct.valid) and len(rolled) == len(direct) == 26
+        assert buffers == [t.data_ptr() for layer in rolled.layers for t in vars(layer).values() if torch.is_tensor(t)]
         after_rolled = model.lm_head(model.model(ids[:, 26:30], None, rolled))
         after_direct = model.lm_head(model.model(ids[:, 26:30], None, direct))
     assert (after_rolled - after_direct).abs().max() <= 1e-5
@@ -769,7 +773,7 @@ def test_sampling_with_a_set_draft_vocabulary_preserves_target(one_thread):
         logits = model(prompt).logits[0, -1:].expand(2, -1)       # p after the last token (row 2: unused)
         hidden, next_embeds = model.model(prompt[:, :-1]), model.model.embed_tokens(prompt[:, 1:])
         for _ in range(N):
-            drafts, q = draft(model, hidden, next_embeds, None, Cache(["full_attention"]), 1, sampling, head)
+            drafts, q = draft(model, hidden, next_embeds, None, Cache(["full_attention"], 20), 1, sampling, head)
             accepted, token = verify_drafts(drafts, q, logits, sampling)
             counts[drafts[0] if accepted else token] += 1
     p = torch.softmax(logits[0], -1).double()
@@ -829,6 +833,59 @@ def test_speed_up_keeps_decoding_identical():
     assert torch.equal(generate(fast, prompt, 30)[0], plain)
     assert torch.equal(generate(fast, prompt, 30, draft_tokens=2)[0], plain)
 
+
+
+def test_compiled_decoding_matches_eager_and_compiles_once(one_thread):
+    """fast.compile_decoding runs the cached steps through torch.compile (here its aot_eager backend:
+    the same graph capture as inductor, without code generation; inductor gave the same tokens when
+    tried by hand): the tokens equal eager decoding, plainly and with 2 drafts, and a second generate
+    call compiles no new graph: the per-step shapes do not depend on the position."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from fast import compile_decoding
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(18))
+    model = tiny_model()
+    plain, _ = generate(model, prompt, 24)
+    spec, _ = generate(model, prompt, 24, draft_tokens=2)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoding(model, backend="aot_eager")
+    for options, expected in ((dict(), plain), (dict(draft_tokens=2), spec)):
+        assert torch.equal(generate(model, prompt, 24, **options)[0], expected)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0 and torch.equal(generate(model, prompt, 24, **options)[0], expected)
+        assert counters["stats"]["unique_graphs"] == graphs, options
+    torch._dynamo.reset()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs flash-linear-attention (fla)")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)])
+def test_fla_chunked_rule_matches_plain(dtype, tol):
+    """fla's fused chunked rule (fast.fla_chunked_rule) computes the same map as the plain chunked rule:
+    outputs and final states, with an initial state, T not a multiple of 64, 4 value heads per key
+    head as Qwen3.5 repeats them. Tolerances: fla runs its matrix work in tf32 or bf16."""
+    from fast import fla_chunked_rule
+    q, k, v, g, beta, state = (t.cuda() for t in delta_rule_inputs(2, 150, 4, 128, 128, seed=19))
+    o_ref, s_ref = chunked_gated_delta_rule(q, k, v.to(dtype), g, beta, initial_state=state)
+    o, s = fla_chunked_rule(q, k, v.to(dtype), g, beta, initial_state=state)
+    assert_close(o, o_ref, f"fla output {dtype}", tol=tol)
+    assert_close(s, s_ref, f"fla final state {dtype}", tol=tol)
+
+
+@cuda
+def test_speed_up_on_cuda_decodes_as_plain():
+    """On a GPU, speed_up(model, compile=True) (fla's rule if importable, compiled decoding replayed as
+    CUDA graphs) gives the plain model's greedy tokens, plainly and with 2 drafts."""
+    prompt = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(20)).cuda()
+    plain, _ = generate(tiny_model().cuda(), prompt, 40)
+    fast = speed_up(tiny_model().cuda(), compile=True)
+    for _ in range(2):                                              # the second time replays
+        assert torch.equal(generate(fast, prompt, 40)[0], plain)
+        assert torch.equal(generate(fast, prompt, 40, draft_tokens=2)[0], plain)
 
 def test_generate_rejects_bad_input():
     model, no_mtp = tiny_model(), tiny_model(mtp_num_hidden_layers=0)

@@ -83,7 +83,7 @@ def test_positions_match_get_rope_index(dense_vl):
                                                         image_grid_thw=batch.grid_thw, attention_mask=batch.mask)
     positions = mrope_positions(batch.ids, batch.mask.bool(), batch.grid_thw, dense_vl.model.config)
     assert torch.equal(positions, expected)
-    cache = Cache([])
+    cache = Cache([], batch.ids.shape[1])
     cache.step(batch.mask.bool(), dense_vl.model.config, torch.float32, positions=positions)
     assert torch.equal(cache.rope_deltas, deltas)
 
@@ -187,7 +187,7 @@ def test_cached_decoding_after_images_equals_full_forward(vl_case):
     full = forward(model, batch, mtp=False).logits
     T, P = batch.ids.shape[1], batch.ids.shape[1] - 12
     with torch.no_grad():
-        cache = Cache(model.config.layer_types)
+        cache = Cache(model.config.layer_types, 200)
         embeds, positions = model.embed_inputs(batch.ids[:, :P], real[:, :P], batch.pixels, batch.grid_thw)
         got = [model.model(batch.ids[:, :P], real[:, :P], cache, embeds=embeds, positions=positions)]
         for a, b in [(P, P + 3)] + [(t, t + 1) for t in range(P + 3, T)]:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one go, for a machine with one NVIDIA GPU (an H100 or H200) and no
+# network: the tests that need CUDA (they skip elsewhere), then `bench.py --device cuda`.
+#
+# Such a machine has torch 2.11 and Triton but an older transformers and no fla, so carry wheels. Once,
+# on a machine with network, in the repository's root (Python 3.12 on the GPU machine):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       transformers==5.24.0 fla-core==0.6.0 flash-linear-attention==0.6.0
+# then run `bash gpu_checks.sh` there with .whl/ beside it (about 8 minutes; results in $OUT or runs/).
+set -uo pipefail
+out=${OUT:-runs}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers, importlib.util as u; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'fla', 'importable' if u.find_spec('fla') else 'absent')"
+# the CUDA tests: fla's rule against the plain one, sped-up decoding against plain decoding
+python3 -m pytest -q -p no:cacheprovider test_mtp.py -k "cuda or fla" 2>&1 | tee "$out/gpu-tests.txt"
+python3 bench.py --device cuda --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.txt"
