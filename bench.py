@@ -7,7 +7,8 @@ several runs.
     python bench.py            # the full run (~8 min on 2 cores): 0.8B-shape random checkpoint
     python bench.py --quick    # a smoke test on tiny shapes (seconds)
 
-Sections: machine limits, prefill, decode, load to first logits (fresh processes), training step,
+Sections: machine limits, prefill, decode, load to first logits (fresh processes), training step, the
+peak memory of a head-only training step with the full-logits and the chunked loss (fresh processes),
 MTP speculative decoding (demo checkpoint, and projected on the 0.8B shape). "Ours" is the model with
 fast.speed_up applied, as load.py's command line and the demo run it: on the CPU that changes only
 fp32 products of at most 16 rows (fp32 decoding and verification; see fast.FewRowLinear).
@@ -29,7 +30,7 @@ from transformers import Qwen3_5ForCausalLM
 from transformers.modeling_layers import MtpModel
 
 from fast import speed_up
-from load import load_checkpoint, save_checkpoint
+from load import load_checkpoint, read_config, save_checkpoint
 from qwen35_mtp import Cache, Qwen35, Qwen35Config, Sampling, draft, generate
 from train import demo_config, demo_prompt, stdlib_corpus
 
@@ -201,6 +202,47 @@ def training_step(quick):
     report("train", "fwd+bwd step", median_time(ours_step, 3) * 1e3, median_time(theirs_step, 3) * 1e3, "ms")
 
 
+TRAIN_MEMORY_CHILD = """
+import sys, time, torch
+from load import load_checkpoint
+from train import make_optimizer, set_trainable
+path, loss, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rss = lambda field: int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
+
+def step(ids):   # train.py --freeze-backbone: the MTP loss, backward, AdamW
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, logits=loss == "plain")
+    out.mtp_loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+model = load_checkpoint(path, dtype=torch.float32)
+set_trainable(model, freeze_backbone=True)
+optimizer, _ = make_optimizer(model, 1e-4, 10)
+step(torch.randint(0, model.config.vocab_size, (1, 16)))   # warm-up: AdamW state, thread pools
+base = rss("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")            # the peak (VmHWM) starts again from here
+start = time.perf_counter()
+step(torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)))
+print(time.perf_counter() - start, base, rss("VmHWM"))
+"""
+
+
+def training_memory(path, quick):
+    B, T = (2, 64) if quick else (2, 512)
+    header(f"Peak memory of a head-only training step on the {'tiny' if quick else '0.8B'} shape (fp32 weights, "
+           f"bf16 autocast, batch {B} x {T}; fresh process each)")
+    for loss in ("plain", "chunked"):
+        out = subprocess.run([sys.executable, "-c", TRAIN_MEMORY_CHILD, path, loss, str(B), str(T)],
+                             capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+        seconds, base, peak = map(float, out.stdout.split()[-3:])
+        report("trainmem", f"{loss} loss: step time", seconds, unit="s")
+        report("trainmem", f"{loss} loss: peak resident memory", peak / 2 ** 30, unit="GiB")
+        report("trainmem", f"{loss} loss: peak above the resident model", (peak - base) / 2 ** 30, unit="GiB")
+    vocab = read_config(path).vocab_size
+    report("trainmem", "for scale: B x T x V fp32 logits, one term", B * T * vocab * 4 / 2 ** 30, unit="GiB")
+
+
 def speculative(path_08b, quick):
     header("MTP speculative decoding, greedy (ours; transformers has no Qwen3.5 MTP drafting)")
     demo = os.path.join("runs", "demo")
@@ -282,6 +324,7 @@ def main():
     prefill_and_decode(path, args.quick, flops, bandwidth)
     load_time_and_memory(path)
     training_step(args.quick)
+    training_memory(path, args.quick)
     speculative(path, args.quick)
     print(f"\ntotal {time.time() - start:.0f} s")
     if args.json:

@@ -370,6 +370,7 @@ def save_updated(source, directory, params):
         if fresh and not sharded:
             tensors.update(official_mtp_tensors(fresh, dtype))
         save_file(tensors, os.path.join(directory, os.path.basename(file)), metadata=metadata)
+        shutil.copymode(file, os.path.join(directory, os.path.basename(file)))
     if fresh and sharded:
         extra = official_mtp_tensors(fresh, dtype)
         save_file(extra, os.path.join(directory, MTP_SHARD), metadata={"format": "pt"})

@@ -1040,4 +1040,5 @@ def test_bench_quick_runs(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = json.load(open(tmp_path / "rows.json"))
-    assert {row["section"] for row in rows} == {"machine", "prefill", "decode", "load", "train", "spec", "spec08"}
+    assert {row["section"] for row in rows} == {"machine", "prefill", "decode", "load", "train", "trainmem", "spec",
+                                                 "spec08"}

@@ -174,7 +174,7 @@ def tokenize(documents, encode, eos, vocab_size, every):
             except Exception as e:
                 raise ValueError(f"{where}: the tokenizer cannot encode this text: {e}") from e
         raise
-    ends = [] if eos is None else [eos]
+    ends = np.array([] if eos is None else [eos], np.int64)
     parts = [np.concatenate([np.asarray(ids, np.int64), ends]) for ids in encoded]
     for (where, _), ids in zip(documents, parts):
         if ids.size and not 0 <= ids.min() <= ids.max() < vocab_size:
@@ -184,7 +184,7 @@ def tokenize(documents, encode, eos, vocab_size, every):
     return joined(False), joined(True)
 
 
-def windows(ids, seq_len, what):
+def pack_windows(ids, seq_len, what):
     """ids [N] cut into [N // seq_len, seq_len] (the rest dropped)."""
     n = len(ids) // seq_len
     if n == 0:
@@ -374,7 +374,7 @@ def evaluate(model, data, *, seq_len=256, batches=4, batch_size=16, mtp_depth=1)
 def describe_evaluation(result):
     depths = len(result["mtp_losses"])
     return (f"lm loss {result['lm_loss']:.3f}, mtp loss " + " ".join(f"{l:.3f}" for l in result["mtp_losses"])
-            + f", teacher-forced acceptance " + " ".join(f"{a:.3f}" for a in result["acceptance"])
+            + ", teacher-forced acceptance " + " ".join(f"{a:.3f}" for a in result["acceptance"])
             + f" (depth {'1' if depths == 1 else f'1..{depths}'})")
 
 
@@ -502,8 +502,8 @@ def setup_run(args, rank, world, device, log):
                          "evaluation (a .txt file is one document, each .jsonl line another)")
     every = round(1 / args.eval_share)
     train_ids, held_ids = tokenize(documents, encode, eos, config.vocab_size, every)
-    train_windows = windows(train_ids, args.seq_len, "training")
-    held_windows = windows(held_ids, args.seq_len, f"held-out (every {every}th document)")
+    train_windows = pack_windows(train_ids, args.seq_len, "training")
+    held_windows = pack_windows(held_ids, args.seq_len, f"held-out (every {every}th document)")
     n = min(args.eval_windows, len(held_windows)) // world * world
     if n == 0:
         raise ValueError(f"--data: {len(held_windows)} held-out windows, fewer than the {world} processes")
@@ -689,7 +689,7 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="bf16: autocast matrix products in training (weights stay fp32)")
     parser.add_argument("--checkpoint-activations", action="store_true", help="recompute each decoder "
-                        "layer's activations in backward (less memory, ~1.3x the time)")
+                        "layer's activations in backward: less memory, more time")
     parser.add_argument("--save-every", type=int, default=0, help="also save every N steps (for --resume)")
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
     parser.add_argument("--eval-share", type=float, default=0.05, help="share of documents held out")
