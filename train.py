@@ -298,21 +298,22 @@ def target_counts(labels, depth):
     return torch.stack([(t != -100).sum() for t in loss_targets(labels, depth)])
 
 
-def train_step(model, optimizer, scheduler, ids, counts, *, mtp_depth, freeze_backbone, micro_batches=1,
+def train_step(model, optimizer, scheduler, ids, labels, counts, *, mtp_depth, freeze_backbone, micro_batches=1,
                precision="bf16"):
-    """One optimizer step on this process's rows `ids` of the global batch, in micro-batches. Each term
-    is its token sum over `counts`, the term's target count in the global batch: summed over
-    micro-batches and processes, that is the global batch's mean, whatever the -100 labels. Returns
-    the terms [1 + D] summed over micro-batches (this process's share)."""
+    """One optimizer step on this process's rows (ids, labels) of the global batch, in micro-batches.
+    Each term is its token sum over `counts`, the term's target count in the global batch: summed over
+    micro-batches and processes, that is the global batch's mean, however the -100 labels fall. (A mean
+    per micro-batch or process, averaged, would weigh their tokens unequally.) Returns the terms
+    [1 + D] summed over micro-batches (this process's share)."""
     weight, total = model.config.mtp_loss_weight, torch.zeros(len(counts), device=ids.device)
-    parts = ids.chunk(micro_batches)
-    for i, x in enumerate(parts):
+    parts = list(zip(ids.chunk(micro_batches), labels.chunk(micro_batches)))
+    for i, (x, y) in enumerate(parts):
         if isinstance(model, FSDPModule):      # reduce the gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(parts) - 1)
         # bf16 autocast runs the matrix products (the DeltaNet's included) in bf16 while weights and
         # AdamW state stay fp32: 2.5x faster per step on a CPU with bf16 units (0.36 s vs 0.9 s here)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(x, labels=x, mtp_depth=mtp_depth, logits=False)
+            out = model(x, labels=y, mtp_depth=mtp_depth, logits=False)
         terms = out.loss_sums / counts
         mtp = terms[1:].mean()
         (mtp if freeze_backbone else terms[0] + weight * mtp).backward()
@@ -458,7 +459,7 @@ def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=
     history, start, tokens = [], time.time(), 0
     for step in range(steps):
         x = random_windows(data, batch_size, seq_len, generator)
-        terms = train_step(model, optimizer, scheduler, x, target_counts(x, mtp_depth), mtp_depth=mtp_depth,
+        terms = train_step(model, optimizer, scheduler, x, x, target_counts(x, mtp_depth), mtp_depth=mtp_depth,
                            freeze_backbone=freeze_backbone, precision=precision)
         tokens += x.numel()
         elapsed = time.time() - start
@@ -516,7 +517,8 @@ def setup_run(args, rank, world, device, log):
         f"tokenizer {tokenizer}, end of text {eos}")
 
     torch.manual_seed(args.seed)            # a fresh MTP head starts the same in every process
-    model = load_checkpoint(source, dtype=torch.float32, device=device)
+    # sharded, the model goes to the device group by group (fully_shard moves each): not whole
+    model = load_checkpoint(source, dtype=torch.float32, device="cpu" if world > 1 else device)
     if model.mtp is None:
         add_mtp_head(model)
         log(f"{source} has no MTP head (no mtp.* tensors): training a freshly initialised one")
@@ -525,14 +527,14 @@ def setup_run(args, rank, world, device, log):
     data_key = dict(seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, tokens=len(train_ids),
                     crc32=zlib.crc32(train_ids.numpy().tobytes()))
     state = resume_state(args.resume, model, trained, data_key) if args.resume else None
-    return SimpleNamespace(source=source, model=model, trained=trained, train_windows=train_windows,
+    return SimpleNamespace(source=source, model=model, device=device, trained=trained, train_windows=train_windows,
                            eval_windows=eval_windows, data_key=data_key, state=state)
 
 
 def train_checkpoint(args, run, rank, world, log):
     """Train run.model on its text (see the module docstring). Returns the logged rows and the held-out
     results by step."""
-    model, device = run.model, next(run.model.parameters()).device
+    model, device = run.model, run.device
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:,.2f}M parameters; training "
         + (f"mtp.* only ({n_trained / 1e6:,.2f}M) on the MTP loss" if args.freeze_backbone else
@@ -565,7 +567,7 @@ def train_checkpoint(args, run, rank, world, log):
         ids = global_batch(run.train_windows, step, args.batch_size, args.seed)
         counts = target_counts(ids, args.mtp_depth).to(device)
         mine = ids.chunk(world)[rank].to(device)                    # this process's rows
-        terms = all_sum(train_step(model, optimizer, scheduler, mine, counts, mtp_depth=args.mtp_depth,
+        terms = all_sum(train_step(model, optimizer, scheduler, mine, mine, counts, mtp_depth=args.mtp_depth,
                                    freeze_backbone=args.freeze_backbone, micro_batches=args.grad_accum,
                                    precision=args.precision)).cpu()
         done, elapsed = step + 1, time.time() - began
