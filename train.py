@@ -487,7 +487,7 @@ def check_settings(args, world):
         raise ValueError("; ".join(problems))
 
 
-def setup_run(args, rank, world, device, log):
+def setup_run(args, world, device, log):
     """Read and check everything a run needs, writing nothing: bad input raises ValueError or
     FileNotFoundError. Returns the model (fp32, unsharded), the data and the state to resume."""
     check_settings(args, world)
@@ -717,7 +717,7 @@ def main(argv=None):
     rank, world, device = init_distributed()
     log = print if rank == 0 else lambda *a, **k: None
     try:
-        run = setup_run(args, rank, world, device, log)
+        run = setup_run(args, world, device, log)
     except (FileNotFoundError, ValueError) as e:
         if rank == 0:
             fail(e)
