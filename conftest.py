@@ -201,6 +201,24 @@ def write_checkpoint(path, tensors, config, dtype=None):
     return str(path)
 
 
+def write_sharded_checkpoint(path, tensors, config, shards=3, dtypes=None):
+    """config.json + the tensors spread over `shards` files listed in model.safetensors.index.json, as
+    published checkpoints are; dtypes {key prefix: dtype} casts the tensors under each prefix."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    cast = lambda key, t: next((t.to(d) for p, d in (dtypes or {}).items() if key.startswith(p)), t).contiguous()
+    keys, weight_map = sorted(tensors), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {key: cast(key, tensors[key]) for key in keys[i::shards]}
+        save_file(part, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+    return str(path)
+
+
 def write_causallm_checkpoint(path, hf, mtp, spec):
     """transformers' own save_pretrained (flat config, `model.*`, experts per expert), plus the MTP
     tensors: appended to model.safetensors, or as one more shard listed in the index."""
@@ -442,11 +460,15 @@ def run_cli(*args):
     return finish(start_cli(*args))
 
 
-def write_word_tokenizer(path, vocab_size=128):
+def write_word_tokenizer(path, vocab_size=128, end_of_text=False):
     """A word-level tokenizer.json: WORDS, then filler words w10, w11, ... up to the model's vocabulary,
-    so every id decodes; plus "huge", id 200, outside it. No unknown token: other words cannot encode."""
+    so every id decodes; plus "huge", id 200, outside it. No unknown token: other words cannot encode.
+    end_of_text: the last id is <|endoftext|> instead of a filler."""
     vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(len(WORDS), vocab_size)])}
     vocab["huge"] = 200
+    if end_of_text:
+        del vocab[f"w{vocab_size - 1}"]
+        vocab["<|endoftext|>"] = vocab_size - 1
     tokenizer = Tokenizer(models.WordLevel(vocab))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece()              # joins words with spaces

@@ -3,6 +3,7 @@ Load a Qwen3.5 checkpoint, as published (safetensors), into `qwen35_mtp.Qwen35`,
 
     model = load_checkpoint("Qwen3.5-0.8B/", dtype=torch.bfloat16)
     save_checkpoint(model, "runs/mine")        # config.json + model.safetensors, loadable here and by transformers
+    save_updated("Qwen3.5-0.8B/", "runs/tuned", {"mtp.fc.weight": w, ...})   # the source's own layout, updated
 
 Module names mirror checkpoint keys, so loading is a prefix strip plus one table for experts:
 
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -290,11 +292,22 @@ def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
     return model.eval()
 
 
+def fused_name(match):
+    """The fused expert parameter a PER_EXPERT match belongs to."""
+    return f"{match.group(1)}.{'down_proj' if match.group(3) == 'down_proj' else 'gate_up_proj'}"
+
+
+def expert_part(fused, e, part):
+    """The slice of a fused expert tensor that per-expert tensor `part` of expert e is (see PER_EXPERT)."""
+    expert = fused[e]
+    half = expert.shape[0] // 2
+    return {"gate_proj": expert[:half], "up_proj": expert[half:], "down_proj": expert}[part]
+
+
 def fill_expert(expected, loaded, fused_filled, match, tensor, key, file, unexpected):
     """Copy one per-expert tensor into its slice of the fused expert parameter (see PER_EXPERT).
     fused_filled[fused] records which (expert, part) slices have arrived."""
-    prefix, e, part = match.group(1), int(match.group(2)), match.group(3)
-    fused = f"{prefix}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
+    fused, e, part = fused_name(match), int(match.group(2)), match.group(3)
     if fused not in expected:
         unexpected.append(key)
         return
@@ -307,8 +320,7 @@ def fill_expert(expected, loaded, fused_filled, match, tensor, key, file, unexpe
         loaded[fused] = torch.empty(E, rows, cols, dtype=tensor.dtype, device=tensor.device)
         parts = ["down_proj"] if part == "down_proj" else ["gate_proj", "up_proj"]
         fused_filled[fused] = {f"{i}.{p}": False for i in range(E) for p in parts}
-    expert = loaded[fused][e]
-    target = {"gate_proj": expert[:rows // 2], "up_proj": expert[rows // 2:], "down_proj": expert}[part]
+    target = expert_part(loaded[fused], e, part)
     if tuple(tensor.shape) != tuple(target.shape):
         raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, but the config expects "
                          f"{tuple(target.shape)}")
@@ -317,6 +329,9 @@ def fill_expert(expected, loaded, fused_filled, match, tensor, key, file, unexpe
     target.copy_(tensor.to(target.dtype))
     fused_filled[fused][f"{e}.{part}"] = True
 
+
+# ----------------------------------------------------------------------------------------------
+# Writing checkpoints
 
 def save_checkpoint(model, directory):
     """config.json (a flat text config) + model.safetensors with `model.*`, `lm_head.weight` (untied only),
@@ -329,6 +344,103 @@ def save_checkpoint(model, directory):
                for name, p in model.state_dict().items()
                if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+def feeds(key, tied):
+    """What checkpoint tensor `key` holds, by the loader's mapping: (parameter name, None) for a whole
+    parameter, (fused parameter name, (expert, part)) for one expert's slice, None when skipped."""
+    name = model_name(key)
+    if name is None:
+        return None
+    if name == "lm_head.weight" and tied:
+        return "model.embed_tokens.weight", None         # a tied head stored anyway: the embedding again
+    if m := PER_EXPERT.match(name):
+        return fused_name(m), (int(m.group(2)), m.group(3))
+    return name, None
+
+
+def official_mtp_tensors(params, dtype):
+    """`mtp.*` parameters {name: tensor} under official checkpoint keys: top level, experts per expert."""
+    out = {}
+    for name, value in params.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith(".mlp.experts"):
+            parts = ["gate_proj", "up_proj"] if leaf == "gate_up_proj" else ["down_proj"]
+            out.update({f"{prefix}.{e}.{part}.weight": expert_part(value, e, part)
+                        for e in range(len(value)) for part in parts})
+        else:
+            out[name] = value
+    return {key: value.detach().to(dtype).contiguous() for key, value in out.items()}
+
+
+INDEX = "model.safetensors.index.json"
+MTP_SHARD = "model-mtp.safetensors"          # where an added MTP head goes in a sharded checkpoint
+
+
+def updated(key, stored, feed, params):
+    """The tensor to write under `key`: the stored one, or the value of the parameter it feeds."""
+    if feed is None or feed[0] not in params:
+        return stored
+    name, part = feed
+    value = params[name] if part is None else expert_part(params[name], *part)
+    if value.shape != stored.shape:
+        raise ValueError(f"{key}: the checkpoint stores shape {tuple(stored.shape)}, but parameter {name} "
+                         f"gives {tuple(value.shape)}")
+    return value.detach().to(stored.dtype).contiguous()
+
+
+def save_updated(source, directory, params):
+    """Write the checkpoint in `source` to the new directory `directory` in exactly its layout (files,
+    index, tensor names, shapes, dtypes, file metadata), with the model parameters `params`
+    {name: tensor} put in: a tensor that feeds one of them (see feeds) holds its value cast to the stored
+    dtype; every other tensor is copied bit for bit (the vision tower, whatever was not trained).
+    Parameters that no tensor feeds (a freshly added MTP head) are written as official top-level `mtp.*`
+    keys, experts per expert, in one more shard listed in the index or in the single file, and
+    config.json's mtp_num_hidden_layers counts their layers. Every other file beside the weights
+    (tokenizer.json, ...) is copied."""
+    tied = read_config(source).tie_word_embeddings
+    files = checkpoint_files(source)
+    fed = {feed[0] for key in checkpoint_keys(files, "cpu") if (feed := feeds(key, tied))}
+    fresh = {name: value for name, value in params.items() if name not in fed}
+    if added := [name for name in fresh if not name.startswith("mtp.")]:
+        raise ValueError(f"{source}: no tensor holds parameter(s) {added[:5]}; only an MTP head can be added")
+    sharded = os.path.exists(os.path.join(source, INDEX))
+    os.makedirs(directory)
+    dtype = None                     # of the stored embedding: the dtype an added head is written in
+    for file in files:
+        tensors = {}
+        with open_safetensors(file, "cpu") as f:
+            metadata = f.metadata()
+            for key in f.keys():
+                tensor, feed = f.get_tensor(key), feeds(key, tied)
+                if feed and feed[0] == "model.embed_tokens.weight":
+                    dtype = tensor.dtype
+                tensors[key] = updated(key, tensor, feed, params)
+        if fresh and not sharded:
+            tensors.update(official_mtp_tensors(fresh, dtype))
+        save_file(tensors, os.path.join(directory, os.path.basename(file)), metadata=metadata)
+        shutil.copymode(file, os.path.join(directory, os.path.basename(file)))
+    if fresh and sharded:
+        extra = official_mtp_tensors(fresh, dtype)
+        save_file(extra, os.path.join(directory, MTP_SHARD), metadata={"format": "pt"})
+        with open(os.path.join(source, INDEX)) as f:
+            index = json.load(f)
+        index["weight_map"].update({key: MTP_SHARD for key in extra})
+        if "total_size" in index.get("metadata", {}):
+            index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in extra.values())
+        with open(os.path.join(directory, INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+    if fresh:
+        with open(os.path.join(source, "config.json")) as f:
+            config = json.load(f)
+        config.get("text_config", config)["mtp_num_hidden_layers"] = mtp_layer_count(fresh)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        written = name.endswith(".safetensors") or (fresh and name in (INDEX, "config.json"))
+        if os.path.isfile(path) and not written:
+            shutil.copyfile(path, os.path.join(directory, name))
 
 
 # ----------------------------------------------------------------------------------------------

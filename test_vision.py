@@ -149,8 +149,8 @@ def test_mtp_logits_with_images_match_oracle(vl_case):
     model = vl_case.model
     with torch.no_grad():
         merged, _ = model.embed_inputs(batch.ids, None, batch.pixels, batch.grid_thw)
-        placeholders = model.mtp_logits(model.model.embed_tokens(batch.ids), out.hidden, None, 1, positions)[0]
-        next_positions = model.mtp_logits(merged, out.hidden, None, 1, positions[..., 1:])[0]
+        placeholders = model.lm_head(model.mtp_hidden(model.model.embed_tokens(batch.ids), out.hidden, None, 1, positions)[0])
+        next_positions = model.lm_head(model.mtp_hidden(merged, out.hidden, None, 1, positions[..., 1:])[0])
     assert max_diff(placeholders, ref_mtp) > 0.1 and max_diff(next_positions, ref_mtp) > 1e-3
 
 
@@ -238,7 +238,7 @@ def test_speculative_with_images_is_lossless(vl_case, k, monkeypatch):
         embeds = torch.cat([embeds, model.model.embed_tokens(spec[:, P:])], dim=1)
         positions = torch.cat([positions, after.expand(3, 1, -1)], dim=2)
         hidden = model.model(spec, embeds=embeds, positions=positions)
-        mtp_choice = model.mtp_logits(embeds, hidden, None, 1, positions)[0][0].argmax(-1)
+        mtp_choice = model.lm_head(model.mtp_hidden(embeds, hidden, None, 1, positions)[0][0]).argmax(-1)
     for rows, first_draft in recorded:                # rows (h_t, x_{t+1}) in the cache: row rows-1 is the last
         assert mtp_choice[rows - 1].item() == first_draft
 

@@ -1,7 +1,9 @@
 """
-Train Qwen3.5 with its MTP head, then measure what the head is worth for speculative decoding.
+Train Qwen3.5 with its MTP head: the demo from scratch, or a real checkpoint on your own text.
 
     python train.py                    # the demo: a small Qwen3.5 + MTP from scratch (~3 min on 2 CPU cores)
+    python train.py --init Qwen3.5-0.8B --data notes/ --freeze-backbone --out runs/head
+    torchrun --nproc-per-node 4 train.py --init Qwen3.5-0.8B --data notes/ --out runs/all
 
 The demo needs nothing to download: it trains on the Python standard library's own source files,
 byte by byte (vocabulary 256), holds every 20th file out for evaluation and prompts, saves the model
@@ -16,25 +18,55 @@ then reports, on held-out text:
     (checked), acceptance per draft position and speed. The small model's greedy continuation soon
     repeats itself, which is easy to draft, so these acceptances overstate what the head does on text;
   - one sampled run (temperature 0.8, fixed seed) with k = 2 drafts: its acceptance and speed.
+
+With --init DIR (any checkpoint load.py reads: dense or MoE, VL-wrapped or flat, sharded or not):
+  - data: --data takes .txt files (a document each), .jsonl files (a document per line, its "text"
+    field) or directories of them; without it, the standard library's .py files. Documents are
+    tokenized with DIR/tokenizer.json (a byte-level checkpoint without one: UTF-8 bytes), each followed
+    by the end-of-text token, concatenated and cut into --seq-len windows; every 20th document
+    (--eval-share) is held out. The global batch of step s depends on --seed and s only.
+  - --freeze-backbone trains only mtp.* on the MTP loss (a checkpoint without an MTP head gets a fresh
+    one); otherwise everything trains on lm_loss + w * mtp_loss. Each term is a mean over its target
+    tokens in the whole global batch, computed over chunks of rows (no full-vocabulary logits).
+  - --out gets the input's layout exactly (load.save_updated: untrained tensors copied bit for bit) plus
+    train_state/ for --resume, every --save-every steps and at the end, each save replacing the last
+    atomically. Under torchrun each process trains on its share of each global batch, the model
+    sharded with FSDP2, and reaches the weights one process would.
+  - held-out LM loss, MTP loss and teacher-forced acceptance per depth: at the start, every
+    --eval-every steps and at the end.
 """
 
 import argparse
+import functools
 import glob
+import json
 import math
 import os
+import shutil
+import sys
 import sysconfig
 import time
+import zlib
+from contextlib import contextmanager
 from dataclasses import replace
+from types import SimpleNamespace
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from fast import speed_up
-from load import load_checkpoint, save_checkpoint
-from qwen35_mtp import MTPHead, Qwen35, Qwen35Config, generate
+from load import load_checkpoint, read_config, save_checkpoint, save_updated
+from qwen35_mtp import MTPHead, Qwen35, Qwen35Config, generate, loss_targets
 
 
 # ----------------------------------------------------------------------------------------------
-# The demo's model and data
+# Data: the demo's bytes, and real text
 
 DEMO_SIZES = {   # the rest of the shape is in demo_config
     "tiny": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384),
@@ -50,10 +82,13 @@ def demo_config(size="medium", **overrides):
     return Qwen35Config(**{**sizes, **DEMO_SIZES[size], **overrides})
 
 
+def stdlib_files():
+    return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+
+
 def stdlib_corpus(every=20):
     """(train bytes, held-out bytes) of the standard library's top-level .py files, as token ids [N]."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    text = [open(f, "rb").read() for f in files]
+    text = [open(f, "rb").read() for f in stdlib_files()]
     held_out = b"".join(t for i, t in enumerate(text) if i % every == 0)
     train = b"".join(t for i, t in enumerate(text) if i % every != 0)
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).long()
@@ -65,56 +100,372 @@ def random_windows(data, batch_size, length, generator):
     return torch.stack([data[s:s + length] for s in starts.tolist()])
 
 
+def data_files(paths):
+    """The .txt and .jsonl files named, and those under the directories named (sorted)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                           if name.endswith((".txt", ".jsonl")))
+            if not found:
+                raise ValueError(f"--data {path}: no .txt or .jsonl files in this directory")
+            files += found
+        elif not os.path.exists(path):
+            raise FileNotFoundError(f"--data {path}: no such file or directory")
+        elif not path.endswith((".txt", ".jsonl")):
+            raise ValueError(f"--data {path}: expected a .txt or .jsonl file, or a directory of them")
+        else:
+            files.append(path)
+    return files
+
+
+def read_documents(files):
+    """[(where, text)]: each .jsonl line's "text" is a document, any other file is one. Empty ones are left out."""
+    documents = []
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                if not file.endswith(".jsonl"):
+                    documents.append((file, f.read()))
+                    continue
+                for n, line in enumerate(f, start=1):
+                    record = json.loads(line) if line.strip() else {"text": ""}
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ValueError(f"{file}:{n}: expected a JSON object with a \"text\" string")
+                    documents.append((f"{file}:{n}", record["text"]))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{file}: not UTF-8 text ({e})") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{n}: not JSON ({e.msg})") from e
+    documents = [(where, text) for where, text in documents if text]
+    if not documents:
+        raise ValueError(f"--data holds no text: {len(files)} file(s), all empty")
+    return documents
+
+
+def text_encoder(checkpoint, config):
+    """(encode: texts -> id lists, end-of-text id or None, a description) for the checkpoint: its
+    tokenizer.json, or UTF-8 bytes for a byte-level checkpoint (vocab 256) without one."""
+    file = os.path.join(checkpoint, "tokenizer.json")
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    if os.path.exists(file):
+        try:
+            tokenizer = Tokenizer.from_file(file)
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read the tokenizer: {e}") from e
+        end = tokenizer.token_to_id("<|endoftext|>")         # the document separator of Qwen's pretraining
+        encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return encode, eos if end is None else end, file
+    if config.vocab_size == 256:
+        return lambda texts: [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts], eos, "UTF-8 bytes"
+    raise ValueError(f"{checkpoint} has no tokenizer.json (only byte-level checkpoints, vocab 256, go without)")
+
+
+def tokenize(documents, encode, eos, vocab_size, every):
+    """(training ids, held-out ids) int32 [N]: each document's ids and then eos (if any), concatenated;
+    documents 0, every, 2 * every, ... are held out."""
+    texts = [text for _, text in documents]
+    try:
+        encoded = encode(texts)
+    except Exception:                        # say which document (a tokenizer without an unknown token)
+        for where, text in documents:
+            try:
+                encode([text])
+            except Exception as e:
+                raise ValueError(f"{where}: the tokenizer cannot encode this text: {e}") from e
+        raise
+    ends = np.array([] if eos is None else [eos], np.int64)
+    parts = [np.concatenate([np.asarray(ids, np.int64), ends]) for ids in encoded]
+    for (where, _), ids in zip(documents, parts):
+        if ids.size and not 0 <= ids.min() <= ids.max() < vocab_size:
+            raise ValueError(f"{where}: encodes to token ids outside the model's vocabulary [0, {vocab_size})")
+    joined = lambda held: torch.from_numpy(np.concatenate(
+        [ids for i, ids in enumerate(parts) if (i % every == 0) == held] or [np.zeros(0, np.int64)]).astype(np.int32))
+    return joined(False), joined(True)
+
+
+def pack_windows(ids, seq_len, what):
+    """ids [N] cut into [N // seq_len, seq_len] (the rest dropped)."""
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"--data: the {what} text is {len(ids)} tokens, shorter than one window of --seq-len "
+                         f"{seq_len}")
+    return ids[:n * seq_len].view(n, seq_len)
+
+
+def global_batch(windows, step, batch_size, seed):
+    """Rows step * B ... step * B + B - 1 of an endless stream of epochs, each a fresh permutation of the
+    windows (seeded by seed and epoch): the same batch for the same step, however many processes."""
+    n = len(windows)
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    orders = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+              for epoch in {p // n for p in positions}}
+    return windows[torch.stack([orders[p // n][p % n] for p in positions])].long()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model setup
+
 def add_mtp_head(model):
     """Give a backbone without MTP weights a freshly initialised MTP head."""
     model.config = replace(model.config, mtp_num_hidden_layers=1)
     model.mtp = MTPHead(model.config)
     model.mtp.apply(model._init_weights)
+    model.mtp.to(model.lm_head.weight.device)
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-
-def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=1, freeze_backbone=False,
-          seed=0, time_budget=None, precision="bf16", log=print, log_every=10):
-    """AdamW with linear warmup and cosine decay, gradient clipping at 1.0, on the model's own loss
-    (lm_loss + mtp_loss_weight * mtp_loss). freeze_backbone trains only mtp.* on mtp_loss, the way
-    an MTP head is added to an existing model. Returns the logged rows."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+def set_trainable(model, freeze_backbone):
+    """mtp.* trains; so does the rest of the language model unless the backbone is frozen (a vision
+    tower never does: text has no images). Returns the trained parameters' names."""
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("mtp.") or not freeze_backbone)
+        p.requires_grad_(name.startswith("mtp.") or not (freeze_backbone or name.startswith("visual.")))
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def make_optimizer(model, lr, steps):
+    """AdamW (weight decay on matrices only) with linear warmup and cosine decay to 10%."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]   # norms, gates
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def decoder_layers(model):
+    return list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
+
+
+def checkpoint_activations(model):
+    """Keep only each decoder layer's input in forward and recompute the rest in backward."""
+    for layer in decoder_layers(model):
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: one process per device under torchrun, the model sharded with FSDP2
+
+def init_distributed():
+    """(rank, world size, device): under torchrun, a process group (NCCL on GPUs, gloo on CPUs)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(model):
+    """FSDP2: a group per decoder layer (the MTP head's too), one for the rest of the MTP head, and the
+    root, which holds the embedding and lm_head (a tied weight must live in one group). Each process's
+    loss is already its share of the global batch's loss, so gradients are summed, not averaged."""
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    if model.mtp is not None:
+        fully_shard(model.mtp)
+    fully_shard(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)     # else a PREMUL_SUM, which gloo lacks
+    return model
+
+
+def all_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather(obj):
+    """[obj of process 0, obj of process 1, ...]."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, training step, evaluation
+
+def target_counts(labels, depth):
+    """[1 + depth]: the targets each term scores (the main model, then each MTP depth), as forward does."""
+    return torch.stack([(t != -100).sum() for t in loss_targets(labels, depth)])
+
+
+def train_step(model, optimizer, scheduler, ids, labels, counts, *, mtp_depth, freeze_backbone, micro_batches=1,
+               precision="bf16"):
+    """One optimizer step on this process's rows (ids, labels) of the global batch, in micro-batches.
+    Each term is its token sum over `counts`, the term's target count in the global batch: summed over
+    micro-batches and processes, that is the global batch's mean, however the -100 labels fall. (A mean
+    per micro-batch or process, averaged, would weigh their tokens unequally.) Returns the terms
+    [1 + D] summed over micro-batches (this process's share)."""
+    weight, total = model.config.mtp_loss_weight, torch.zeros(len(counts), device=ids.device)
+    parts = list(zip(ids.chunk(micro_batches), labels.chunk(micro_batches)))
+    for i, (x, y) in enumerate(parts):
+        if isinstance(model, FSDPModule):      # reduce the gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(parts) - 1)
+        # bf16 autocast runs the matrix products (the DeltaNet's included) in bf16 while weights and
+        # AdamW state stay fp32: 2.5x faster per step on a CPU with bf16 units (0.36 s vs 0.9 s here)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x, labels=y, mtp_depth=mtp_depth, logits=False)
+        terms = out.loss_sums / counts
+        mtp = terms[1:].mean()
+        (mtp if freeze_backbone else terms[0] + weight * mtp).backward()
+        total += terms.detach()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return total
+
+
+def log_step(log, step, steps, terms, tokens_per_s, eta_s):
+    row = dict(step=step, lm_loss=terms[0].item(), mtp_losses=terms[1:].tolist(), tokens_per_s=tokens_per_s,
+               eta_s=eta_s)
+    log(f"step {step:4d}/{steps}  lm {row['lm_loss']:.3f}  mtp " + " ".join(f"{l:.3f}" for l in row["mtp_losses"])
+        + f"  {tokens_per_s:,.0f} tok/s  {eta_s:.0f}s left")
+    return row
+
+
+def acceptance_counts(out, valid=None):
+    """Per depth d: (agreements, positions) between the depth-d head's argmax for token t+d+1 (its row t)
+    and the main model's argmax for the same token (its row t+d), over rows where both tokens are real."""
+    predictions = out.predictions or [l.argmax(-1) for l in [out.logits] + out.mtp_logits_per_depth]
+    main = predictions[0]                                          # [B, T]: row j predicts token j+1
+    counts = []
+    for d, heads in enumerate(predictions[1:], start=1):
+        agree = heads == main[:, d:]                               # [B, T-d]
+        rows = torch.ones_like(agree) if valid is None else valid[:, :-d] & valid[:, d:]
+        counts.append(((agree & rows).sum().item(), rows.sum().item()))
+    return counts
+
+
+@torch.no_grad()
+def evaluate_windows(model, windows, *, micro_batch, mtp_depth):
+    """Over windows [W, T] (W a multiple of the process count, each process taking its share): the LM
+    loss and per depth the MTP loss, each a mean over all target tokens, and the teacher-forced
+    acceptance (see acceptance_counts)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    totals = torch.zeros(4, mtp_depth + 1, dtype=torch.float64, device=device)   # sums, counts, hits, positions
+    for x in windows.chunk(world)[rank].split(micro_batch):
+        x = x.to(device).long()
+        out = model(x, labels=x, mtp_depth=mtp_depth, logits=False)
+        totals[0] += out.loss_sums
+        totals[1] += out.loss_counts
+        totals[2:, 1:] += torch.tensor(acceptance_counts(out), device=device).t()
+    sums, counts, hits, positions = all_sum(totals).cpu()
+    losses = sums / counts
+    return dict(lm_loss=losses[0].item(), mtp_losses=losses[1:].tolist(), acceptance=(hits / positions)[1:].tolist())
+
+
+def evaluate(model, data, *, seq_len=256, batches=4, batch_size=16, mtp_depth=1):
+    """The demo's evaluation: fixed, evenly spaced held-out windows of the byte stream `data`."""
+    starts = torch.linspace(0, len(data) - seq_len - 1, batches * batch_size).long()
+    windows = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
+    return evaluate_windows(model, windows, micro_batch=batch_size, mtp_depth=mtp_depth)
+
+
+def describe_evaluation(result):
+    depths = len(result["mtp_losses"])
+    return (f"lm loss {result['lm_loss']:.3f}, mtp loss " + " ".join(f"{l:.3f}" for l in result["mtp_losses"])
+            + ", teacher-forced acceptance " + " ".join(f"{a:.3f}" for a in result["acceptance"])
+            + f" (depth {'1' if depths == 1 else f'1..{depths}'})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpointing: the checkpoint in the input's layout, plus the training state --resume reads
+
+STATE = os.path.join("train_state", "state.pt")
+
+
+@contextmanager
+def replaced_atomically(directory):
+    """Yield a temporary directory that then replaces `directory` by two renames: a run killed while
+    saving leaves the previous checkpoint intact (in DIR.previous if killed between the renames)."""
+    tmp, previous = directory + ".tmp", directory + ".previous"
+    shutil.rmtree(tmp, ignore_errors=True)                     # left by a save that was killed
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(directory):
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(directory, previous)
+    os.rename(tmp, directory)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def save_run(model, optimizer, scheduler, step, source, out, trained, data_key, rank):
+    """--out: the checkpoint in source's layout with the trained parameters (load.save_updated), and
+    train_state/state.pt: their fp32 values, the optimizer, schedule, step, random states and what
+    identifies the data. Every process takes part in gathering the shards; process 0 writes."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=full)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
+    rng = gather(torch.get_rng_state())
+    if rank == 0:
+        weights = {name: weights[name] for name in trained}     # a tied lm_head: once, as the embedding
+        with replaced_atomically(out) as tmp:
+            save_updated(source, tmp, weights)
+            os.makedirs(os.path.join(tmp, os.path.dirname(STATE)))
+            torch.save(dict(step=step, weights=weights, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
+                            rng=rng, data=data_key), os.path.join(tmp, STATE))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resume_state(resume, model, trained, data_key):
+    """The training state in `resume`, checked against this run, its fp32 weights put into the model."""
+    path = os.path.join(resume, STATE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume {resume}: no {STATE} in it (train.py writes one at each save)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    saved = {name: tuple(t.shape) for name, t in state["weights"].items()}
+    wanted = {name: tuple(params[name].shape) for name in trained}
+    if saved != wanted:
+        differ = sorted(set(saved.items()) ^ set(wanted.items()))
+        raise ValueError(f"--resume {resume}: the saved state does not match this model and --freeze-backbone: "
+                         f"it trains {len(saved)} tensors, this run {len(wanted)}; differing: {differ[:3]}")
+    if changed := {k: (state["data"].get(k), v) for k, v in data_key.items() if state["data"].get(k) != v}:
+        raise ValueError(f"--resume {resume}: saved by a run with other data or batches, (then, now): {changed}")
+    with torch.no_grad():
+        for name in trained:
+            params[name].copy_(state["weights"][name])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loops: the demo's, and a checkpoint's on text
+
+def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=1, freeze_backbone=False,
+          seed=0, time_budget=None, precision="bf16", log=print, log_every=10):
+    """The demo's loop: random windows of the byte stream `data`; train_step's loss and AdamW.
+    freeze_backbone trains only mtp.* on mtp_loss, the way an MTP head is added to an existing model.
+    Returns the logged rows."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    set_trainable(model, freeze_backbone)
+    optimizer, scheduler = make_optimizer(model, lr, steps)
     model.train()
     history, start, tokens = [], time.time(), 0
     for step in range(steps):
         x = random_windows(data, batch_size, seq_len, generator)
-        # bf16 autocast runs the matrix products (the DeltaNet's included) in bf16 while weights and
-        # AdamW state stay fp32: 2.5x faster per step on a CPU with bf16 units (0.36 s vs 0.9 s here)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(x, labels=x, mtp_depth=mtp_depth)
-        loss = out.mtp_loss if freeze_backbone else out.loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        terms = train_step(model, optimizer, scheduler, x, x, target_counts(x, mtp_depth), mtp_depth=mtp_depth,
+                           freeze_backbone=freeze_backbone, precision=precision)
         tokens += x.numel()
         elapsed = time.time() - start
         if step % log_every == 0 or step == steps - 1:
-            row = dict(step=step, lm_loss=out.lm_loss.item(), mtp_losses=[l.item() for l in out.mtp_losses],
-                       tokens_per_s=tokens / elapsed, eta_s=elapsed / (step + 1) * (steps - step - 1))
-            history.append(row)
-            log(f"step {step:4d}/{steps}  lm {row['lm_loss']:.3f}  mtp "
-                + " ".join(f"{l:.3f}" for l in row["mtp_losses"])
-                + f"  {row['tokens_per_s']:,.0f} tok/s  {row['eta_s']:.0f}s left")
+            history.append(log_step(log, step, steps, terms, tokens / elapsed,
+                                    elapsed / (step + 1) * (steps - step - 1)))
         if time_budget is not None and elapsed > time_budget:
             log(f"time budget of {time_budget}s reached after {step + 1} steps")
             break
@@ -122,37 +473,117 @@ def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=
     return history
 
 
+def check_settings(args, world):
+    problems = [f"--{name} must be > 0" for name in ("steps", "batch_size", "grad_accum", "lr", "eval_windows")
+                if getattr(args, name) <= 0]
+    if args.batch_size % (world * args.grad_accum):
+        problems.append(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
+                        f"--grad-accum ({args.grad_accum})")
+    if not 1 <= args.mtp_depth <= args.seq_len - 2:
+        problems.append(f"--mtp-depth must be in 1..seq_len - 2 = {args.seq_len - 2}")
+    if not 0 < args.eval_share < 1:
+        problems.append("--eval-share must be in (0, 1)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def setup_run(args, world, device, log):
+    """Read and check everything a run needs, writing nothing: bad input raises ValueError or
+    FileNotFoundError. Returns the model (fp32, unsharded), the data and the state to resume."""
+    check_settings(args, world)
+    source = args.resume or args.init
+    if args.resume and not os.path.exists(args.resume) and os.path.exists(args.resume + ".previous"):
+        raise FileNotFoundError(f"--resume {args.resume}: not found, but {args.resume}.previous is (a save was "
+                                "interrupted between two renames): rename it back")
+    config = read_config(source)
+    encode, eos, tokenizer = text_encoder(source, config)
+    documents = read_documents(data_files(args.data) if args.data else stdlib_files())
+    if len(documents) < 2:
+        raise ValueError("--data holds one document; at least two are needed, as some are held out for "
+                         "evaluation (a .txt file is one document, each .jsonl line another)")
+    every = round(1 / args.eval_share)
+    train_ids, held_ids = tokenize(documents, encode, eos, config.vocab_size, every)
+    train_windows = pack_windows(train_ids, args.seq_len, "training")
+    held_windows = pack_windows(held_ids, args.seq_len, f"held-out (every {every}th document)")
+    n = min(args.eval_windows, len(held_windows)) // world * world
+    if n == 0:
+        raise ValueError(f"--data: {len(held_windows)} held-out windows, fewer than the {world} processes")
+    eval_windows = held_windows[torch.linspace(0, len(held_windows) - 1, n).long()]
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.overwrite \
+            and not (args.resume and os.path.samefile(args.out, args.resume)):
+        raise ValueError(f"--out {args.out} already holds files (another checkpoint?); --overwrite replaces it")
+    log(f"data: {len(documents):,} documents, {len(train_ids):,} training tokens ({len(train_windows):,} windows "
+        f"of {args.seq_len}), {len(held_ids):,} held-out tokens (every {every}th document; {n} windows evaluated); "
+        f"tokenizer {tokenizer}, end of text {eos}")
+
+    torch.manual_seed(args.seed)            # a fresh MTP head starts the same in every process
+    # sharded, the model goes to the device group by group (fully_shard moves each): not whole
+    model = load_checkpoint(source, dtype=torch.float32, device="cpu" if world > 1 else device)
+    if model.mtp is None:
+        add_mtp_head(model)
+        log(f"{source} has no MTP head (no mtp.* tensors): training a freshly initialised one")
+    model.config.mtp_loss_weight = args.mtp_loss_weight
+    trained = set_trainable(model, args.freeze_backbone)
+    data_key = dict(seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, tokens=len(train_ids),
+                    crc32=zlib.crc32(train_ids.numpy().tobytes()))
+    state = resume_state(args.resume, model, trained, data_key) if args.resume else None
+    return SimpleNamespace(source=source, model=model, device=device, trained=trained, train_windows=train_windows,
+                           eval_windows=eval_windows, data_key=data_key, state=state)
+
+
+def train_checkpoint(args, run, rank, world, log):
+    """Train run.model on its text (see the module docstring). Returns the logged rows and the held-out
+    results by step."""
+    model, device = run.model, run.device
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:,.2f}M parameters; training "
+        + (f"mtp.* only ({n_trained / 1e6:,.2f}M) on the MTP loss" if args.freeze_backbone else
+           f"all {n_trained / 1e6:,.2f}M on lm + {args.mtp_loss_weight} * mtp")
+        + f", depth {args.mtp_depth}; {world} process(es), global batch {args.batch_size} x {args.seq_len} "
+        f"in {args.grad_accum} micro-batch(es) per process")
+    if args.checkpoint_activations:
+        checkpoint_activations(model)
+    if world > 1:
+        shard(model)
+    optimizer, scheduler = make_optimizer(model, args.lr, args.steps)
+    start = 0
+    if run.state is not None:
+        set_optimizer_state_dict(model, optimizer, run.state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(run.state["scheduler"])
+        torch.set_rng_state(run.state["rng"][rank % len(run.state["rng"])])
+        start = run.state["step"]
+        log(f"resumed from {args.resume} at step {start}")
+    micro = args.batch_size // world // args.grad_accum
+    held_out = {}
+
+    def evaluation(step):
+        held_out[step] = evaluate_windows(model, run.eval_windows, micro_batch=micro, mtp_depth=args.mtp_depth)
+        log(f"held-out at step {step}: {describe_evaluation(held_out[step])}")
+
+    evaluation(start)
+    history, began = [], time.time()
+    for step in range(start, args.steps):
+        ids = global_batch(run.train_windows, step, args.batch_size, args.seed)
+        counts = target_counts(ids, args.mtp_depth).to(device)
+        mine = ids.chunk(world)[rank].to(device)                    # this process's rows
+        terms = all_sum(train_step(model, optimizer, scheduler, mine, mine, counts, mtp_depth=args.mtp_depth,
+                                   freeze_backbone=args.freeze_backbone, micro_batches=args.grad_accum,
+                                   precision=args.precision)).cpu()
+        done, elapsed = step + 1, time.time() - began
+        if step % args.log_every == 0 or done == args.steps:
+            history.append(log_step(log, step, args.steps, terms, (done - start) * ids.numel() / elapsed,
+                                    elapsed / (done - start) * (args.steps - done)))
+        if done == args.steps or args.save_every and done % args.save_every == 0:
+            save_run(model, optimizer, scheduler, done, run.source, args.out, run.trained, run.data_key, rank)
+            log(f"saved {args.out} at step {done}")
+        if done == args.steps or args.eval_every and done % args.eval_every == 0:
+            evaluation(done)
+    return dict(steps=history, held_out=held_out)
+
+
 # ----------------------------------------------------------------------------------------------
-# Evaluation: held-out losses and teacher-forced acceptance
-
-def acceptance_counts(out, valid=None):
-    """Per depth d: (agreements, positions) between the depth-d head's argmax for token t+d+1 (its row t)
-    and the main model's argmax for the same token (its row t+d), over rows where both tokens are real."""
-    main = out.logits.argmax(-1)                                   # [B, T]: row j predicts token j+1
-    counts = []
-    for d, logits in enumerate(out.mtp_logits_per_depth, start=1):
-        agree = logits.argmax(-1) == main[:, d:]                   # [B, T-d]
-        rows = torch.ones_like(agree) if valid is None else valid[:, :-d] & valid[:, d:]
-        counts.append(((agree & rows).sum().item(), rows.sum().item()))
-    return counts
-
-
-@torch.no_grad()
-def evaluate(model, data, *, seq_len=256, batches=4, batch_size=16, mtp_depth=1):
-    """Over fixed, evenly spaced held-out windows: the mean lm_loss, and per depth 1..mtp_depth the
-    mean mtp loss and the teacher-forced acceptance (see acceptance_counts)."""
-    starts = torch.linspace(0, len(data) - seq_len - 1, batches * batch_size).long()
-    windows = torch.stack([data[s:s + seq_len] for s in starts.tolist()]).split(batch_size)
-    outs = [model(x, labels=x, mtp_depth=mtp_depth) for x in windows]
-    lm = sum(o.lm_loss.item() for o in outs) / len(outs)
-    mtp = [sum(o.mtp_losses[d].item() for o in outs) / len(outs) for d in range(len(outs[0].mtp_losses))]
-    counts = [acceptance_counts(o) for o in outs]
-    acceptance = [sum(c[d][0] for c in counts) / sum(c[d][1] for c in counts) for d in range(len(counts[0]))]
-    return dict(lm_loss=lm, mtp_losses=mtp, acceptance=acceptance)
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding with and without MTP drafts
+# The demo's decoding: with and without MTP drafts
 
 def timed_generate(model, prompt, new_tokens, runs=3, **options):
     """(ids, tokens per second as the median of `runs`, stats); a short warm-up first. Sampling runs
@@ -205,45 +636,17 @@ def demo_prompt(held_out, length=200):
     return held_out[end - length:end][None]
 
 
-# ----------------------------------------------------------------------------------------------
-# The demo
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train a small Qwen3.5 with its MTP head on the Python "
-                                     "standard library's source (bytes), then decode with MTP drafts.")
-    parser.add_argument("--size", choices=list(DEMO_SIZES), default="medium")
-    parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--mtp-loss-weight", type=float, default=0.3)
-    parser.add_argument("--mtp-depth", type=int, default=1, help="chain the MTP head D times in training")
-    parser.add_argument("--freeze-backbone", action="store_true", help="train only the MTP head")
-    parser.add_argument("--init", help="start from a checkpoint (a directory load.py reads)")
-    parser.add_argument("--time-budget", type=float, help="stop training after this many seconds")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="bf16: autocast matrix products in training (weights stay fp32)")
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/demo", help="checkpoint directory")
-    args = parser.parse_args(argv)
-
+def demo(args):
     torch.manual_seed(args.seed)
     train_data, held_out = stdlib_corpus()
     print(f"data: {len(train_data):,} training bytes, {len(held_out):,} held-out bytes (Python stdlib)")
-    if args.init:
-        model = load_checkpoint(args.init, dtype=torch.float32)
-        if model.mtp is None:
-            print(f"{args.init} has no MTP head: adding a freshly initialised one")
-            add_mtp_head(model)
-    else:
-        model = Qwen35(demo_config(args.size))
+    model = Qwen35(demo_config(args.size))
     model.config.mtp_loss_weight = args.mtp_loss_weight
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, layers {model.config.layer_types}")
     train(model, train_data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
           mtp_depth=args.mtp_depth, freeze_backbone=args.freeze_backbone, seed=args.seed,
-          time_budget=args.time_budget, precision=args.precision)
+          time_budget=args.time_budget, precision=args.precision, log_every=args.log_every)
     depths = max(args.mtp_depth, 3)     # the chain as deep as the drafting below, trained that deep or not
     result = evaluate(model, held_out, seq_len=args.seq_len, mtp_depth=depths)
     print(f"held-out: lm loss {result['lm_loss']:.3f}, mtp loss "
@@ -257,6 +660,73 @@ def main(argv=None):
     print(f"prompt (held-out): {bytes(prompt[0].tolist()).decode(errors='replace')!r}")
     _, ids = compare_decoding(speed_up(model), prompt, args.new_tokens)
     print("continuation:\n" + bytes(ids[0, prompt.shape[1]:].tolist()).decode(errors="replace"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+CHECKPOINT_ONLY = ["data", "resume", "grad_accum", "save_every", "eval_every", "eval_share", "eval_windows",
+                   "checkpoint_activations", "overwrite"]
+DEMO_ONLY = ["size", "time_budget", "new_tokens"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train Qwen3.5 with its MTP head: the demo (a small model from "
+                                     "scratch on the standard library's bytes, then decoding with MTP drafts), "
+                                     "or, with --init, a checkpoint on your text.")
+    parser.add_argument("--init", help="train this checkpoint (a directory load.py reads) instead of the demo")
+    parser.add_argument("--data", nargs="+", help=".txt / .jsonl files or directories of them (default: the "
+                        "standard library's .py files)")
+    parser.add_argument("--out", help="checkpoint directory (demo: runs/demo)")
+    parser.add_argument("--resume", help="continue the run saved in this directory (its --out)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--batch-size", type=int, default=16, help="the global batch, in sequences")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process and step")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--mtp-loss-weight", type=float, default=0.3)
+    parser.add_argument("--mtp-depth", type=int, default=1, help="chain the MTP head D times in training")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train only the MTP head")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: autocast matrix products in training (weights stay fp32)")
+    parser.add_argument("--checkpoint-activations", action="store_true", help="recompute each decoder "
+                        "layer's activations in backward: less memory, more time")
+    parser.add_argument("--save-every", type=int, default=0, help="also save every N steps (for --resume)")
+    parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+    parser.add_argument("--eval-share", type=float, default=0.05, help="share of documents held out")
+    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows evaluated")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=list(DEMO_SIZES), default="medium", help="the demo model's size")
+    parser.add_argument("--time-budget", type=float, help="demo: stop training after this many seconds")
+    parser.add_argument("--new-tokens", type=int, default=256, help="demo: tokens decoded after training")
+    args = parser.parse_args(argv)
+    fail = lambda e: parser.exit(2, f"{parser.prog}: error: {e}\n")   # one line, no traceback
+    checkpoint_mode = bool(args.init or args.resume)
+    other_mode = DEMO_ONLY if checkpoint_mode else CHECKPOINT_ONLY
+    if given := [f"--{name.replace('_', '-')}" for name in other_mode
+                 if getattr(args, name) != parser.get_default(name)]:
+        fail(f"{' '.join(given)}: " + ("the demo's options, not for --init/--resume" if checkpoint_mode
+                                       else "for training a checkpoint: give --init"))
+    if not checkpoint_mode:
+        args.out = args.out or "runs/demo"
+        return demo(args)
+    if not args.out:
+        fail("--init/--resume need --out, the directory the trained checkpoint goes to")
+    rank, world, device = init_distributed()
+    log = print if rank == 0 else lambda *a, **k: None
+    try:
+        run = setup_run(args, world, device, log)
+    except (FileNotFoundError, ValueError) as e:
+        if rank == 0:
+            fail(e)
+        sys.exit(2)
+    results = train_checkpoint(args, run, rank, world, log)
+    if dist.is_initialized():
+        dist.barrier()                     # no process leaves while another still talks to it
+        dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

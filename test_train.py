@@ -1,0 +1,338 @@
+"""
+Training a checkpoint with train.py --init: tiny official-layout checkpoints trained on text, in process
+(train.main) and under torchrun; what the saved checkpoint keeps; the chunked loss; resuming; bad input.
+
+    python -m pytest -q test_train.py
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+
+import load
+import train
+from conftest import (EVERY_4TH, REPO, all_tensors, build_oracle, build_vl_oracle, max_diff, official_config, official_tensors,
+                      tiny_model, write_checkpoint, write_sharded_checkpoint, write_word_tokenizer)
+from load import load_checkpoint
+from qwen35_mtp import linear_cross_entropy
+
+PHRASES = ["the cat sat on a mat", "and the dog ran home", "a cat ran on the mat", "the dog sat home"]
+SMALL = ["--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--precision", "fp32", "--log-every", "1",
+         "--eval-share", "0.25"]
+
+
+def official_checkpoint(path, moe, sharded, mtp=True):
+    """A tiny checkpoint as published: VL-wrapped `model.language_model.*` in bf16, per-expert `mtp.*`
+    (or none, and mtp_num_hidden_layers 0), fp32 `model.visual.*`, a word-level tokenizer.json with
+    <|endoftext|>; sharded over 3 files with an index, or one file."""
+    spec = dict(moe=moe, tied=not moe, layout="official", layer_types=EVERY_4TH, seed=7)
+    hf, mtp_oracle = build_oracle(spec)
+    vl = build_vl_oracle(hf, spec)
+    tensors, config = official_tensors(hf, mtp_oracle, vl, spec), official_config(hf, spec)
+    if not mtp:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
+        config["text_config"]["mtp_num_hidden_layers"] = 0
+    tensors = {k: v if k.startswith("model.visual.") else v.to(torch.bfloat16) for k, v in tensors.items()}
+    if sharded:
+        write_sharded_checkpoint(path, tensors, config)
+    else:
+        write_checkpoint(path, tensors, config)
+    write_word_tokenizer(path, 128, end_of_text=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """Twelve .txt documents and a .jsonl of six more, from four phrases."""
+    path = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    document = lambda: " ".join(rng.choice(PHRASES) for _ in range(40))
+    for i in range(12):
+        (path / f"{i:02d}.txt").write_text(document())
+    (path / "more.jsonl").write_text("".join(json.dumps({"text": document()}) + "\n" for _ in range(6)))
+    return str(path)
+
+
+def run(*args):
+    return train.main([str(a) for a in args])
+
+
+def bits(t):
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def layout(path):
+    """{key: (file, shape, dtype)} and the other files of a checkpoint directory."""
+    keys = {}
+    for file in load.checkpoint_files(path):
+        with load.safe_open(file, "pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                keys[key] = (os.path.basename(file), tuple(t.get_shape()), t.get_dtype())
+    return keys, sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+
+
+@pytest.fixture(scope="module")
+def head_only(tmp_path_factory, text):
+    """Eight head-only steps on a dense, tied, sharded official checkpoint (the run several tests read)."""
+    root = tmp_path_factory.mktemp("head-only")
+    source = official_checkpoint(root / "in", moe=False, sharded=True)
+    results = run("--init", source, "--data", text, "--out", root / "out", "--freeze-backbone", "--steps", 8, *SMALL)
+    return source, str(root / "out"), results
+
+
+def test_head_only_training_changes_only_mtp_and_keeps_the_layout(head_only):
+    """Only mtp.* changes, every other tensor is bit-identical (the vision tower's fp32 ones included);
+    files, index, names, shapes, dtypes, config.json and tokenizer.json are the input's; the held-out
+    MTP loss goes down while the frozen model's LM loss stays exactly the same; transformers' official
+    class loads the result and gives our logits."""
+    source, out, results = head_only
+    assert layout(out) == layout(source)
+    for name in ("config.json", "tokenizer.json", "model.safetensors.index.json"):
+        assert open(os.path.join(out, name)).read() == open(os.path.join(source, name)).read()
+    before, after = all_tensors(source), all_tensors(out)
+    changed = {k for k in before if not torch.equal(bits(before[k]), bits(after[k]))}
+    assert changed == {k for k in before if k.startswith("mtp.")}
+    first, last = results["held_out"][0], results["held_out"][8]
+    assert last["mtp_losses"][0] < first["mtp_losses"][0] - 0.5, results["held_out"]
+    assert last["lm_loss"] == first["lm_loss"]
+    ours = load_checkpoint(out, dtype=torch.float32)
+    theirs = Qwen3_5ForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert max_diff(theirs(input_ids=ids).logits, ours(ids).logits) <= 1e-5
+
+
+def test_full_training_of_a_moe_checkpoint_writes_every_trained_tensor(tmp_path, text):
+    """Everything but the vision tower trains; the single-file layout, the fused main experts and the
+    per-expert MTP experts are kept; each written tensor is the trained fp32 value cast to bf16;
+    load.py and transformers read it back."""
+    source = official_checkpoint(tmp_path / "in", moe=True, sharded=False)
+    run("--init", source, "--data", text, "--out", tmp_path / "out", "--steps", 2, "--mtp-depth", 2, *SMALL)
+    out = str(tmp_path / "out")
+    assert layout(out) == layout(source)
+    before, after = all_tensors(source), all_tensors(out)
+    assert {k for k in before if torch.equal(bits(before[k]), bits(after[k]))} == \
+        {k for k in before if k.startswith("model.visual.")}
+    trained = torch.load(os.path.join(out, train.STATE), weights_only=True)["weights"]
+    loaded = dict(load_checkpoint(out).named_parameters())
+    assert all(torch.equal(bits(loaded[n]), bits(w.to(torch.bfloat16))) for n, w in trained.items())
+    ours = load_checkpoint(out, dtype=torch.float32)
+    theirs = Qwen3_5MoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_diff(theirs(input_ids=ids).logits, ours(ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("moe, sharded", [(False, True), (True, False)])
+def test_a_checkpoint_without_mtp_gets_an_official_style_head(tmp_path, text, moe, sharded, capsys):
+    """A fresh head (and the log says so) is written as top-level mtp.* keys, experts per expert: in one
+    more shard listed in the index, or in the single file; config.json then counts its layer."""
+    source = official_checkpoint(tmp_path / "in", moe=moe, sharded=sharded, mtp=False)
+    run("--init", source, "--data", text, "--out", tmp_path / "out", "--freeze-backbone", "--steps", 1, *SMALL)
+    assert "has no MTP head (no mtp.* tensors): training a freshly initialised one" in capsys.readouterr().out
+    out = str(tmp_path / "out")
+    keys, _ = layout(out)
+    old_keys, _ = layout(source)
+    added = {k: file for k, (file, _, dtype) in keys.items() if k not in old_keys}
+    assert added and all(k.startswith("mtp.") for k in added) and {keys[k][2] for k in added} == {"BF16"}
+    assert all(keys[k] == old_keys[k] for k in old_keys)
+    assert set(added.values()) == {load.MTP_SHARD if sharded else "model.safetensors"}
+    if moe:
+        assert "mtp.layers.0.mlp.experts.5.up_proj.weight" in added
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["text_config"]["mtp_num_hidden_layers"] == 1
+    trained = torch.load(os.path.join(out, train.STATE), weights_only=True)["weights"]
+    loaded = dict(load_checkpoint(out).named_parameters())
+    assert all(torch.equal(bits(loaded[n]), bits(w.to(torch.bfloat16))) for n, w in trained.items())
+
+
+def test_chunked_cross_entropy_equals_the_plain_one():
+    """linear_cross_entropy over chunks of 7 rows: the same sum, argmax and gradients as cross-entropy
+    on the full logits, -100 targets included; and forward(logits=False) gives the losses and gradients
+    of forward(logits=True), with the logits' argmax as predictions."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 20, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (3, 20), generator=g).masked_fill(torch.rand(3, 20, generator=g) < 0.3, -100)
+    loss, argmax = linear_cross_entropy(h, W, t, rows=7)
+    grads = torch.autograd.grad(loss * 0.3, (h, W))
+    expected = F.cross_entropy(F.linear(h, W).flatten(0, 1), t.flatten(), reduction="sum")
+    assert torch.allclose(loss, expected, rtol=1e-12) and torch.equal(argmax, F.linear(h, W).argmax(-1))
+    for got, want in zip(grads, torch.autograd.grad(expected * 0.3, (h, W))):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+
+    model = tiny_model(moe=True)
+    ids = torch.randint(0, 128, (2, 30), generator=g)
+    labels = ids.masked_fill(torch.rand(2, 30, generator=g) < 0.3, -100)
+    outs, grads = [], []
+    for logits in (True, False):
+        out = model(ids, labels=labels, mtp_depth=2, logits=logits)
+        grads.append(torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True))
+        outs.append(out)
+    plain, chunked = outs
+    assert chunked.logits is None and chunked.mtp_logits is None
+    for name in ("loss", "lm_loss", "mtp_loss", "loss_sums"):
+        assert torch.allclose(getattr(chunked, name), getattr(plain, name), rtol=1e-6), name
+    assert torch.equal(chunked.loss_counts, plain.loss_counts)
+    assert all(a is b is None or (a - b).abs().max() <= 1e-6 for a, b in zip(*grads))
+    assert torch.allclose(torch.stack(chunked.mtp_losses), torch.stack(plain.mtp_losses), rtol=1e-6)
+    assert all(torch.equal(p, l.argmax(-1)) for p, l in zip(chunked.predictions,
+                                                            [plain.logits] + plain.mtp_logits_per_depth))
+
+
+def test_micro_batches_share_the_global_token_count():
+    """train_step over 3 micro-batches with unevenly placed -100 labels applies the gradient of the model's
+    own loss over the whole batch: each term is divided by its target count in the whole batch."""
+    ids = torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(3))
+    labels = ids.masked_fill(torch.rand(6, 24, generator=torch.Generator().manual_seed(4))
+                             < torch.linspace(0.1, 0.9, 6)[:, None], -100)
+    stepped, whole = tiny_model(seed=5), tiny_model(seed=5)
+    train.set_trainable(stepped, freeze_backbone=False)
+    optimizer, scheduler = train.make_optimizer(stepped, 1e-3, 10)
+    applied = []
+    optimizer.register_step_pre_hook(lambda *_: applied.extend(p.grad.clone() for p in stepped.parameters()))
+    train.train_step(stepped, optimizer, scheduler, ids, labels, train.target_counts(labels, 2), mtp_depth=2,
+                     freeze_backbone=False, micro_batches=3, precision="fp32")
+    whole(ids, labels=labels, mtp_depth=2).loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(whole.parameters()), 1.0)       # as train_step does
+    assert all((a - p.grad).abs().max() <= 1e-6 for a, p in zip(applied, whole.parameters()))
+
+
+def test_batches_depend_on_seed_and_step_only():
+    """Each epoch is a permutation of the windows; a batch may run across an epoch's end."""
+    windows = torch.arange(10)[:, None]
+    stream = torch.cat([train.global_batch(windows, step, 4, seed=3) for step in range(5)])[:, 0]
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:20].tolist()) == list(range(10))
+    assert torch.equal(train.global_batch(windows, 2, 4, seed=3), train.global_batch(windows, 2, 4, seed=3))
+    assert not torch.equal(train.global_batch(windows, 2, 4, seed=3), train.global_batch(windows, 2, 4, seed=4))
+
+
+def test_resumed_run_gives_the_same_losses(head_only, tmp_path, text, monkeypatch):
+    """Stopped right after the save at step 3, then resumed with --resume: the same losses at steps 3-5 as
+    a run never stopped (bit for bit), and the same checkpoint."""
+    source = head_only[0]
+    common = ["--data", text, "--steps", 6, "--save-every", 3, "--mtp-depth", 2, *SMALL]
+    whole = run("--init", source, "--out", tmp_path / "whole", *common)
+    save = train.save_run
+
+    def save_then_stop(*args):
+        save(*args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_run", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run("--init", source, "--out", tmp_path / "cut", *common)
+    monkeypatch.setattr(train, "save_run", save)
+    resumed = run("--resume", tmp_path / "cut", "--out", tmp_path / "cut", *common)
+    losses = lambda rows: [(r["step"], r["lm_loss"], r["mtp_losses"]) for r in rows]
+    assert losses(resumed["steps"]) == losses(whole["steps"])[3:] and len(resumed["steps"]) == 3
+    a, b = all_tensors(tmp_path / "whole"), all_tensors(tmp_path / "cut")
+    assert all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+
+
+@pytest.mark.subprocess
+def test_torchrun_two_processes_reach_the_weights_of_one(tmp_path, text, head_only):
+    """torchrun --nproc-per-node 2 (gloo, FSDP2, activation checkpointing), two micro-batches each, full
+    training at depth 2: the same losses and, after 4 AdamW steps, the same fp32 weights as one process
+    (up to the order of float additions)."""
+    common = ["--init", head_only[0], "--data", text, "--steps", 4, "--grad-accum", 2, "--mtp-depth", 2, *SMALL]
+    one = run(*common, "--out", tmp_path / "one")
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+                             "--nproc-per-node", "2", "train.py", *map(str, common), "--checkpoint-activations",
+                             "--out", str(tmp_path / "two")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [line.split()[3] for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [f"{r['lm_loss']:.3f}" for r in one["steps"]] == logged and result.stdout.count("saved ") == 1
+    a, b = (torch.load(tmp_path / d / train.STATE, weights_only=True)["weights"] for d in ("one", "two"))
+    assert a.keys() == b.keys() and max_diff_all(a, b) <= 1e-4
+
+
+def max_diff_all(a, b):
+    return max(max_diff(a[k], b[k]) for k in a)
+
+
+def test_killed_save_leaves_the_previous_checkpoint(head_only, tmp_path, text, monkeypatch):
+    """A save that dies half-way (here: after its first shard) leaves --out exactly as it was."""
+    out = tmp_path / "out"
+    shutil.copytree(head_only[1], out)
+    files = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
+    save_file, writes = load.save_file, []
+
+    def fail_second(*args, **kwargs):
+        writes.append(args)
+        if len(writes) == 2:
+            raise OSError("disk full")
+        return save_file(*args, **kwargs)
+    monkeypatch.setattr(load, "save_file", fail_second)
+    with pytest.raises(OSError, match="disk full"):
+        run("--resume", out, "--out", out, "--data", text, "--steps", 9, "--freeze-backbone", *SMALL)
+    assert {name: (out / name).read_bytes() for name in files} == files
+    assert not os.path.exists(f"{out}.tmp") and not os.path.exists(f"{out}.previous")
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, head_only):
+    """Files the bad-input cases point at."""
+    root = tmp_path_factory.mktemp("bad")
+    for name, content in [("empty/a.txt", ""), ("empty/b.txt", ""), ("short/a.txt", "the cat"),
+                          ("short/b.txt", "the dog"), ("unknown/a.txt", "the zebra sat"), ("unknown/b.txt", "a cat"),
+                          ("huge/a.txt", "the huge cat"), ("huge/b.txt", "a cat"), ("one/a.txt", "the cat sat"),
+                          ("bad.jsonl", '{"text": "the cat"}\n{"txt": "the dog"}\n'), ("notes.md", "the cat")]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    no_tokenizer = root / "no-tokenizer"
+    shutil.copytree(head_only[0], no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.json")
+    taken = root / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    return root
+
+
+BAD = [  # (arguments, beyond --init/--data/--out, message)
+    (["--data", "{root}/missing"], "--data {root}/missing: no such file or directory"),
+    (["--data", "{root}/empty"], "--data holds no text: 2 file(s), all empty"),
+    (["--data", "{root}/notes.md"], "expected a .txt or .jsonl file, or a directory"),
+    (["--data", "{root}/bad.jsonl"], 'bad.jsonl:2: expected a JSON object with a "text" string'),
+    (["--data", "{root}/one"], "--data holds one document; at least two are needed"),
+    (["--data", "{root}/short"], "shorter than one window of --seq-len 32"),
+    (["--data", "{root}/unknown"], "unknown/a.txt: the tokenizer cannot encode this text"),
+    (["--data", "{root}/huge"], "huge/a.txt: encodes to token ids outside the model's vocabulary [0, 128)"),
+    (["--init", "{root}/no-tokenizer"], "has no tokenizer.json (only byte-level checkpoints, vocab 256, go without)"),
+    (["--out", "{root}/taken"], "--out {root}/taken already holds files (another checkpoint?); --overwrite replaces it"),
+    (["--resume", "{out}", "--init", None], "--resume {out}: the saved state does not match this model"),
+    (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of processes (1) x --grad-accum (4)"),
+    (["--size", "tiny"], "--size: the demo's options, not for --init/--resume"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[m.split(":")[0][:40] for _, m in BAD])
+def test_bad_input_is_one_line_and_exit_2(bad_inputs, head_only, text, tmp_path, capsys, args, message):
+    """Each bad input: exit code 2, one line naming the problem, and nothing written."""
+    fill = lambda s: s.format(root=bad_inputs, out=head_only[1])
+    given = {"--init": head_only[0], "--data": text, "--out": str(tmp_path / "out")}
+    extra = []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in given:
+            given[flag] = value and fill(value)
+        else:
+            extra += [flag, fill(value)]
+    argv = [x for flag, value in given.items() if value for x in (flag, value)] + ["--steps", "2", *SMALL] + extra
+    with pytest.raises(SystemExit) as exit:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and fill(message) in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "out")
+    assert os.listdir(bad_inputs / "taken") == ["config.json"]
