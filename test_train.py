@@ -49,6 +49,15 @@ def official_checkpoint(path, moe, sharded, mtp=True):
     return str(path)
 
 
+def assert_transformers_agrees(path, official_class):
+    """transformers' official class reads the checkpoint and gives our logits."""
+    ours = load_checkpoint(path, dtype=torch.float32)
+    theirs = official_class.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert max_diff(theirs(input_ids=ids).logits, ours(ids).logits) <= 1e-5
+
+
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """Twelve .txt documents and a .jsonl of six more, from four phrases."""
@@ -104,12 +113,7 @@ def test_head_only_training_changes_only_mtp_and_keeps_the_layout(head_only):
     first, last = results["held_out"][0], results["held_out"][8]
     assert last["mtp_losses"][0] < first["mtp_losses"][0] - 0.5, results["held_out"]
     assert last["lm_loss"] == first["lm_loss"]
-    ours = load_checkpoint(out, dtype=torch.float32)
-    theirs = Qwen3_5ForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
-    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert max_diff(theirs(input_ids=ids).logits, ours(ids).logits) <= 1e-5
+    assert_transformers_agrees(out, Qwen3_5ForConditionalGeneration)
 
 
 def test_full_training_of_a_moe_checkpoint_writes_every_trained_tensor(tmp_path, text):
@@ -126,12 +130,7 @@ def test_full_training_of_a_moe_checkpoint_writes_every_trained_tensor(tmp_path,
     trained = torch.load(os.path.join(out, train.STATE), weights_only=True)["weights"]
     loaded = dict(load_checkpoint(out).named_parameters())
     assert all(torch.equal(bits(loaded[n]), bits(w.to(torch.bfloat16))) for n, w in trained.items())
-    ours = load_checkpoint(out, dtype=torch.float32)
-    theirs = Qwen3_5MoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
-                                                                 attn_implementation="eager").eval()
-    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert max_diff(theirs(input_ids=ids).logits, ours(ids).logits) <= 1e-5
+    assert_transformers_agrees(out, Qwen3_5MoeForConditionalGeneration)
 
 
 @pytest.mark.parametrize("moe, sharded", [(False, True), (True, False)])
