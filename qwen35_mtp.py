@@ -1301,7 +1301,7 @@ def speculative_decode(model, input_ids, embeds, positions, valid, max_new_token
     stream(token[:, None])
     new = [token]                                       # [1] tensors, then blocks of kept tokens
     # At prefill the pending rows are the whole prompt, so the head drafts with the prompt as context:
-    # with images, the rows read the image features and the prompt's 3-D positions (see mtp_logits),
+    # with images, the rows read the image features and the prompt's 3-D positions (see Qwen35.mtp_hidden),
     # and the head's cache continues those positions as the backbone's does.
     pending_hidden, pending_next = hidden, torch.cat([embeds[:, 1:], embed(token[:, None])], dim=1)
     pending_valid = None if valid is None else valid & torch.cat([valid[:, 1:], valid[:, -1:]], dim=1)
