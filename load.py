@@ -348,10 +348,8 @@ def save_checkpoint(model, directory):
 
 def feeds(key, tied):
     """What checkpoint tensor `key` holds, by the loader's mapping: (parameter name, None) for a whole
-    parameter, (fused parameter name, (expert, part)) for one expert's slice, None when skipped."""
+    parameter, (fused parameter name, (expert, part)) for one expert's slice."""
     name = model_name(key)
-    if name is None:
-        return None
     if name == "lm_head.weight" and tied:
         return "model.embed_tokens.weight", None         # a tied head stored anyway: the embedding again
     if m := PER_EXPERT.match(name):
@@ -379,7 +377,7 @@ MTP_SHARD = "model-mtp.safetensors"          # where an added MTP head goes in a
 
 def updated(key, stored, feed, params):
     """The tensor to write under `key`: the stored one, or the value of the parameter it feeds."""
-    if feed is None or feed[0] not in params:
+    if feed[0] not in params:
         return stored
     name, part = feed
     value = params[name] if part is None else expert_part(params[name], *part)
@@ -400,7 +398,7 @@ def save_updated(source, directory, params):
     (tokenizer.json, ...) is copied."""
     tied = read_config(source).tie_word_embeddings
     files = checkpoint_files(source)
-    fed = {feed[0] for key in checkpoint_keys(files, "cpu") if (feed := feeds(key, tied))}
+    fed = {feeds(key, tied)[0] for key in checkpoint_keys(files, "cpu")}
     fresh = {name: value for name, value in params.items() if name not in fed}
     if added := [name for name in fresh if not name.startswith("mtp.")]:
         raise ValueError(f"{source}: no tensor holds parameter(s) {added[:5]}; only an MTP head can be added")
@@ -413,7 +411,7 @@ def save_updated(source, directory, params):
             metadata = f.metadata()
             for key in f.keys():
                 tensor, feed = f.get_tensor(key), feeds(key, tied)
-                if feed and feed[0] == "model.embed_tokens.weight":
+                if feed[0] == "model.embed_tokens.weight":
                     dtype = tensor.dtype
                 tensors[key] = updated(key, tensor, feed, params)
         if fresh and not sharded:
@@ -578,23 +576,28 @@ def count(n):
     return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f}M)"
 
 
-def text_codec(path, vocab_size):
-    """encode_batch(texts) -> [ids] and decode(ids) -> str for a checkpoint: its own tokenizer.json, or raw
-    UTF-8 bytes for a byte-level checkpoint (vocab 256, no tokenizer.json: the one `python train.py` writes)."""
+def read_tokenizer(path, vocab_size):
+    """The checkpoint's own tokenizer.json, or None for a byte-level checkpoint (vocab 256, no
+    tokenizer.json: the one `python train.py` writes), whose tokens are raw UTF-8 bytes."""
     file = os.path.join(path, "tokenizer.json")
     if os.path.exists(file):
         try:
-            tokenizer = Tokenizer.from_file(file)
+            return Tokenizer.from_file(file)
         except Exception as e:
             raise ValueError(f"{file}: cannot read the tokenizer: {e}") from e
-        encode_batch = lambda texts: [e.ids for e in tokenizer.encode_batch(texts)]
-        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
-    elif vocab_size == 256:
-        encode_batch = lambda texts: [list(text.encode("utf-8")) for text in texts]
-        decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
-    else:
+    if vocab_size != 256:
         raise ValueError(f"{path} has no tokenizer.json (only byte-level checkpoints, vocab 256, go without)")
-    return encode_batch, decode
+    return None
+
+
+def text_codec(path, vocab_size):
+    """encode_batch(texts) -> [ids] and decode(ids) -> str for a checkpoint (see read_tokenizer)."""
+    tokenizer = read_tokenizer(path, vocab_size)
+    if tokenizer is None:
+        return (lambda texts: [list(text.encode("utf-8")) for text in texts],
+                lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    return (lambda texts: [e.ids for e in tokenizer.encode_batch(texts)],
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
 
 
 def prompt_codec(path, prompt, vocab_size):

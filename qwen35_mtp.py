@@ -382,10 +382,8 @@ class DeltaNetCache:
     def update(self, conv_in, T, state, states=None):
         """conv_in [B, K-1+T, C]: the old window, then this step's T conv inputs; state: the final state;
         states [B, T, Hv, dk, dv]: the state after each token, given when the step may be rolled back."""
-        if self.conv is None:
-            self.conv, self.state = conv_in[:, T:].clone(), state.clone()
-            self.undo = None if states is None else (conv_in, torch.zeros_like(state), states)
-            return
+        if self.conv is None:                     # the first step: the buffers later steps write into
+            self.conv, self.state = torch.zeros_like(conv_in[:, T:]), torch.zeros_like(state)
         self.undo = None if states is None else (conv_in, self.state.clone(), states)
         self.conv.copy_(conv_in[:, T:])
         self.state.copy_(state)

@@ -54,14 +54,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from fast import speed_up
-from load import load_checkpoint, read_config, save_checkpoint, save_updated
+from load import load_checkpoint, read_config, read_tokenizer, save_checkpoint, save_updated
 from qwen35_mtp import MTPHead, Qwen35, Qwen35Config, generate, loss_targets
 
 
@@ -146,19 +145,13 @@ def read_documents(files):
 def text_encoder(checkpoint, config):
     """(encode: texts -> id lists, end-of-text id or None, a description) for the checkpoint: its
     tokenizer.json, or UTF-8 bytes for a byte-level checkpoint (vocab 256) without one."""
-    file = os.path.join(checkpoint, "tokenizer.json")
+    tokenizer = read_tokenizer(checkpoint, config.vocab_size)
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-    if os.path.exists(file):
-        try:
-            tokenizer = Tokenizer.from_file(file)
-        except Exception as e:
-            raise ValueError(f"{file}: cannot read the tokenizer: {e}") from e
-        end = tokenizer.token_to_id("<|endoftext|>")         # the document separator of Qwen's pretraining
-        encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-        return encode, eos if end is None else end, file
-    if config.vocab_size == 256:
+    if tokenizer is None:
         return lambda texts: [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts], eos, "UTF-8 bytes"
-    raise ValueError(f"{checkpoint} has no tokenizer.json (only byte-level checkpoints, vocab 256, go without)")
+    end = tokenizer.token_to_id("<|endoftext|>")             # the document separator of Qwen's pretraining
+    encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return encode, eos if end is None else end, os.path.join(checkpoint, "tokenizer.json")
 
 
 def tokenize(documents, encode, eos, vocab_size, every):
