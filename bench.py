@@ -447,6 +447,34 @@ def projected_with_draft_vocabularies(coverage, draft_cost, verify, sizes, alpha
             print(line, flush=True)
 
 
+def drafting_steps(model, device="cpu"):
+    """The operations MTP decoding is made of, after a 64-token prompt through the backbone and the MTP
+    head: plain_step() (one decode step: the cache grows by a token), verify_step(T) (T tokens through
+    the backbone, then rolled back) and draft_step(head) (one greedy draft over a draft_head, as
+    generate() makes it, then dropped). Call them under torch.no_grad()."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 65), generator=torch.Generator().manual_seed(2)).to(device)
+    cache, mtp_cache = Cache(model.config.layer_types, 200), Cache(["full_attention"], 200)
+    with torch.no_grad():
+        hidden = model.model(ids[:, :64], None, cache)
+        model.mtp(hidden, model.model.embed_tokens(ids[:, 1:65]), torch.ones(1, 64, dtype=torch.bool, device=device),
+                  mtp_cache)
+    mtp_base = len(mtp_cache)
+
+    def plain_step():
+        model.lm_head(model.model(ids[:, :1], None, cache)[0]).argmax(-1)
+
+    def verify_step(T):
+        before = len(cache)
+        model.lm_head(model.model(ids[:, :T], None, cache, rollback=True)[0]).argmax(-1)
+        cache.crop(before)
+
+    def draft_step(head):
+        draft(model, hidden[:, -1:], model.model.embed_tokens(ids[:, -1:]), None, mtp_cache, 1, Sampling(), head)
+        mtp_cache.crop(mtp_base)
+
+    return plain_step, verify_step, draft_step
+
+
 def speculative_08b(path_08b, quick, coverage):
     """Time one plain step, verification of k+1 tokens and one draft (over all ids, the first N ids, a
     gathered set of N ids), and project the speedup they imply at a given draft acceptance; with a draft
@@ -454,26 +482,9 @@ def speculative_08b(path_08b, quick, coverage):
     header(f"MTP drafting cost on the {'tiny' if quick else '0.8B'} shape (bf16), and the speedup it implies")
     model = speed_up(load_checkpoint(path_08b, dtype=torch.bfloat16))
     V = model.config.vocab_size
-    ids = torch.randint(0, V, (1, 65), generator=torch.Generator().manual_seed(2))
-    cache, mtp_cache = Cache(model.config.layer_types, 200), Cache(["full_attention"], 200)
     sizes = draft_vocab_sizes(quick)
+    plain_step, verify_step, draft_step = drafting_steps(model)
     with torch.no_grad():
-        hidden = model.model(ids[:, :64], None, cache)
-        model.mtp(hidden, model.model.embed_tokens(ids[:, 1:65]), torch.ones(1, 64, dtype=torch.bool), mtp_cache)
-        mtp_base = len(mtp_cache)
-
-        def plain_step():                                  # one decode step: the cache grows by a token
-            model.lm_head(model.model(ids[:, :1], None, cache)[0]).argmax(-1)
-
-        def verify_step(T):                                # verify T tokens, then roll all of them back
-            before = len(cache)
-            model.lm_head(model.model(ids[:, :T], None, cache, rollback=True)[0]).argmax(-1)
-            cache.crop(before)
-
-        def draft_step(head):                             # one greedy draft, as generate() makes it
-            draft(model, hidden[:, -1:], model.model.embed_tokens(ids[:, -1:]), None, mtp_cache, 1, Sampling(), head)
-            mtp_cache.crop(mtp_base)
-
         # a set's rows are gathered once per generate call, so a draft costs the same as over the first N
         # ids; which N ids does not matter to the time (random ones here)
         heads = {"all ids": draft_head(model, None, None)}
@@ -586,28 +597,13 @@ def mtp_costs(model, quick, device):
     """A draft (over all ids, over the first 32768) and a verification of k+1 tokens, in plain decode
     steps, and the speedups they project (as speculative_08b does)."""
     V = model.config.vocab_size
-    ids = torch.randint(0, V, (1, 65), generator=torch.Generator().manual_seed(2)).to(device)
-    cache, mtp_cache = Cache(model.config.layer_types, 256), Cache(["full_attention"], 256)
     runs, costs = (3 if quick else 9), {}
+    plain_step, verify_step, draft_step = drafting_steps(model, device)
     with torch.no_grad():
-        hidden = model.model(ids[:, :64], None, cache)
-        model.mtp(hidden, model.model.embed_tokens(ids[:, 1:65]), torch.ones(1, 64, dtype=torch.bool, device=device),
-                  mtp_cache)
-        mtp_base = len(mtp_cache)
-
-        def step(T):                                  # T tokens through the backbone, then undone
-            before = len(cache)
-            model.lm_head(model.model(ids[:, :T], None, cache, rollback=True)[0]).argmax(-1)
-            cache.crop(before)
-
-        def one_draft(head):
-            draft(model, hidden[:, -1:], model.model.embed_tokens(ids[:, -1:]), None, mtp_cache, 1, Sampling(), head)
-            mtp_cache.crop(mtp_base)
-
-        plain = device_time(lambda: step(1), device, runs)
-        verify = {k: device_time(lambda k=k: step(k + 1), device, runs) / plain for k in (1, 2, 3)}
+        plain = device_time(plain_step, device, runs)
+        verify = {k: device_time(lambda k=k: verify_step(k + 1), device, runs) / plain for k in (1, 2, 3)}
         drafts = {"all ids": draft_head(model, None, None), "first 32768": draft_head(model, None, min(32768, V))}
-        drafts = {name: device_time(lambda h=head: one_draft(h), device, runs) / plain for name, head in drafts.items()}
+        drafts = {name: device_time(lambda h=head: draft_step(h), device, runs) / plain for name, head in drafts.items()}
     costs["MTP: plain decode step, ms"] = plain * 1e3
     costs.update({f"MTP: verify k={k} ({k + 1} tokens) / plain step": v for k, v in verify.items()})
     costs.update({f"MTP: one draft, {name} / plain step": v for name, v in drafts.items()})
