@@ -16,18 +16,22 @@ What it changes, by device:
     (`fla_chunked_rule`) for prefill and training, as transformers uses it.
   - compile=True: `compile_decoding`, torch.compile of the cached steps of at most
     RECURRENT_MAX_TOKENS tokens (a decode step, a verification, a draft), which have static shapes
-    because the caches are preallocated and written in place; on CUDA in "reduce-overhead" mode, so
-    that a step replays as a CUDA graph.
+    because the caches are preallocated and written in place (their memory handed on between generate
+    calls by a `CachePool`; MoE experts as `GatheredExperts`, whose shapes do not depend on the
+    routing); on CUDA in "reduce-overhead" mode, so that a step replays as a CUDA graph.
 """
 
 import importlib.util
 import inspect
+import weakref
+from collections import defaultdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen35_mtp import RECURRENT_MAX_TOKENS, Cache, GatedDeltaNet
+import qwen35_mtp
+from qwen35_mtp import RECURRENT_MAX_TOKENS, Cache, Experts, GatedDeltaNet
 
 
 class FewRowLinear(nn.Linear):
@@ -51,6 +55,23 @@ class FewRowLinear(nn.Linear):
         return (self.weight @ x2.t())[:, :rows].t().reshape(*x.shape[:-1], -1)
 
 
+class GatheredExperts(Experts):
+    """Experts that, for a few tokens, gather each (token, slot)'s expert weights and multiply them in one
+    batch. Experts.forward groups tokens by expert with a host sync (.tolist()) and shapes that depend
+    on the routing, which splits a compiled step into many graphs; here the shapes depend only on the
+    number of tokens, so a decoding step stays one graph. Same result up to the order of additions."""
+
+    def forward(self, x, expert_ids, weights):
+        N, k = expert_ids.shape
+        if N > RECURRENT_MAX_TOKENS:
+            return super().forward(x, expert_ids, weights)
+        ids = expert_ids.flatten()                                               # [N*k]
+        rows = x.repeat_interleave(k, dim=0)[:, :, None]                         # [N*k, H, 1]
+        gate, up = torch.bmm(self.gate_up_proj[ids], rows)[..., 0].chunk(2, dim=-1)    # [N*k, I] each
+        y = torch.bmm(self.down_proj[ids], (F.silu(gate) * up)[:, :, None])[..., 0]    # [N*k, H]
+        return (y.view(N, k, -1) * weights[..., None]).sum(1)
+
+
 def fla_chunked_rule(q, k, v, g, beta, initial_state=None):
     """chunked_gated_delta_rule through fla's fused Triton kernel (CUDA only): same arguments and
     results. The matrix work runs in v's dtype (bf16 in bf16 models, as transformers runs it); q comes
@@ -65,27 +86,62 @@ def fla_available():
     return torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
 
 
+class CachePool:
+    """Cache buffers handed on from a cache that is gone to the next one (qwen35_mtp.cache_buffer). A
+    CUDA graph keeps the addresses of the buffers a step writes: with the memory handed on, the next
+    generate call replays the recorded graphs instead of recording them again. Each request takes the
+    first free buffer of its shape, dtype and device, so caches built in the same order get the same
+    buffers in the same roles. A buffer is free again once the cache layer that took it is garbage
+    collected: two live caches never share memory. Each buffer is marked as a static input of the
+    compiled steps: CUDA graph trees replay a graph that writes into its inputs only when those are."""
+
+    def __init__(self):
+        self.buffers, self.taken = defaultdict(list), defaultdict(set)     # per (shape, dtype, device)
+
+    def take(self, owner, shape, like):
+        key = (tuple(shape), like.dtype, like.device)
+        buffers, taken = self.buffers[key], self.taken[key]
+        i = next((i for i in range(len(buffers)) if i not in taken), len(buffers))
+        if i == len(buffers):
+            buffers.append(like.new_empty(shape))
+            torch._dynamo.mark_static_address(buffers[i])
+        taken.add(i)
+        weakref.finalize(owner, taken.discard, i)
+        return buffers[i].zero_()
+
+
 def compile_decoding(model, **compile_options):
     """torch.compile the backbone and the MTP head for cached steps of at most RECURRENT_MAX_TOKENS
     tokens; everything else (prefill, training) stays eager. Each step length compiles once: the
     step's tensors have the same shapes at every position (KV caches [B, kv_heads, capacity, hd],
     masks [B, 1, T, capacity], the DeltaNet state written in place). The caches' bookkeeping on the
-    host (Cache.step: lengths, slots, masks) stays outside the compiled graphs."""
+    host (Cache.step: lengths, slots, masks) stays outside the compiled graphs, and their buffers come
+    from a CachePool. With CUDA graphs (mode="reduce-overhead") each step is a new graph-tree
+    generation and its outputs are copied out, since the next replay overwrites them."""
+    qwen35_mtp.cache_buffer = CachePool().take
+    for module in model.modules():
+        if type(module) is Experts:
+            module.__class__ = GatheredExperts
     Cache.step = torch.compiler.disable(Cache.step)
-    model.model.forward = _compiled_for_short_steps(model.model.forward, "input_ids", compile_options)
+    graphs = compile_options.get("mode") == "reduce-overhead"
+    model.model.forward = _compiled_for_short_steps(model.model.forward, "input_ids", compile_options, graphs)
     if model.mtp is not None:
-        model.mtp.forward = _compiled_for_short_steps(model.mtp.forward, "next_embeds", compile_options)
+        model.mtp.forward = _compiled_for_short_steps(model.mtp.forward, "next_embeds", compile_options, graphs)
     return model
 
 
-def _compiled_for_short_steps(forward, tokens_argument, compile_options):
+def _compiled_for_short_steps(forward, tokens_argument, compile_options, graphs):
     signature, compiled = inspect.signature(forward), torch.compile(forward, **compile_options)
 
     def dispatch(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
         cache, tokens = arguments.get("cache"), arguments[tokens_argument]
-        short = cache is not None and len(cache) > 0 and tokens.shape[1] <= RECURRENT_MAX_TOKENS
-        return (compiled if short else forward)(*args, **kwargs)
+        if cache is None or len(cache) == 0 or tokens.shape[1] > RECURRENT_MAX_TOKENS:
+            return forward(*args, **kwargs)
+        if not graphs:
+            return compiled(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs).clone()
     return dispatch
 
 

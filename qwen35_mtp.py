@@ -214,6 +214,12 @@ def apply_rotary(x, cos, sin):
 # ----------------------------------------------------------------------------------------------
 # 3. Gated full attention
 
+def cache_buffer(owner, shape, like):
+    """A zeroed tensor (like's dtype and device) that the cache `owner` writes into in place. Every cache
+    allocates here; fast.py swaps in a pool that hands the memory on to later caches of the same shape."""
+    return like.new_zeros(shape)
+
+
 class KVCache:
     """Keys and values of one full-attention layer, [B, kv_heads, capacity, head_dim] each, allocated at
     the first write and then written in place at each step's slots (as in gpt-fast): their shapes
@@ -228,10 +234,13 @@ class KVCache:
         """k, v [B, kv_heads, T, head_dim] into slots [T]; returns the whole buffers."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k, self.v = k.new_zeros(B, H, self.capacity, D), v.new_zeros(B, H, self.capacity, D)
+            self.k, self.v = (cache_buffer(self, (B, H, self.capacity, D), t) for t in (k, v))
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
+
+    def reserve_undo(self, T):       # nothing to keep: a rolled-back slot is masked out, then rewritten
+        pass
 
     def drop_last(self, n):
         pass
@@ -372,19 +381,37 @@ class DeltaNetCache:
     before the activation [B, K-1, C], and `state`, the recurrent state [B, Hv, dk, dv] (fp32).
 
     Unlike a KV cache, a recurrent state cannot be cropped: it has already absorbed every token. So a
-    step that may be rolled back (verifying drafts) keeps what undoing it needs: its conv inputs, the
-    state before it and the state after each of its tokens. Rolling back is then a lookup."""
+    step that may be rolled back (verifying drafts) keeps what undoing it needs: its conv inputs
+    [B, K-1+T, C], the state before it and the state after each of its T tokens [B, T, Hv, dk, dv].
+    Rolling back is then a lookup. Those go into buffers of their own, reserved before the step runs,
+    so that a compiled step writes only into memory that outlives it (a CUDA graph replays into the
+    same addresses)."""
 
     def __init__(self):
         self.conv = self.state = None
-        self.undo = None
+        self.undo = None                # (conv inputs, state before, states after each token) buffers
+        self.undoable = False           # the last step was fed with rollback=True
+
+    def reserve_undo(self, T):
+        """Make the undo buffers fit a step of T tokens (before it runs; the first step reserves its own)."""
+        if self.state is None or (self.undo is not None and self.undo[2].shape[1] == T):
+            return
+        B, K1, C = self.conv.shape
+        self.undo = (cache_buffer(self, (B, K1 + T, C), self.conv),
+                     cache_buffer(self, self.state.shape, self.state),
+                     cache_buffer(self, (B, T, *self.state.shape[1:]), self.state))
 
     def update(self, conv_in, T, state, states=None):
         """conv_in [B, K-1+T, C]: the old window, then this step's T conv inputs; state: the final state;
         states [B, T, Hv, dk, dv]: the state after each token, given when the step may be rolled back."""
         if self.conv is None:                     # the first step: the buffers later steps write into
-            self.conv, self.state = torch.zeros_like(conv_in[:, T:]), torch.zeros_like(state)
-        self.undo = None if states is None else (conv_in, self.state.clone(), states)
+            self.conv = cache_buffer(self, conv_in[:, T:].shape, conv_in)
+            self.state = cache_buffer(self, state.shape, state)
+        self.undoable = states is not None
+        if self.undoable:
+            self.reserve_undo(T)
+            for buffer, value in zip(self.undo, (conv_in, self.state, states)):
+                buffer.copy_(value)
         self.conv.copy_(conv_in[:, T:])
         self.state.copy_(state)
 
@@ -392,13 +419,13 @@ class DeltaNetCache:
         """Forget the last n tokens of the last step, as if they had never been fed."""
         if n == 0:
             return
-        if self.undo is None:
+        if not self.undoable:
             raise RuntimeError("a Gated DeltaNet cache can only roll back a step fed with rollback=True")
         conv_in, before, states = self.undo
         keep = states.shape[1] - n
         self.conv.copy_(conv_in[:, keep:keep + self.conv.shape[1]])
         self.state.copy_(before if keep == 0 else states[:, keep - 1])
-        self.undo = None
+        self.undoable = False
 
 
 class GatedDeltaNet(nn.Module):
@@ -628,6 +655,9 @@ class Cache:
             step = Step(cos, sin, attn_mask=attention_mask(self.valid, slots), over_cache=True,
                         pad_mask=None if valid.all() else valid[..., None].to(dtype))
         step.slots, step.rollback = slots, rollback
+        if rollback and not first:
+            for layer in self.layers:
+                layer.reserve_undo(T)
         return step
 
     def crop(self, length):

@@ -835,7 +835,7 @@ def test_speed_up_keeps_decoding_identical():
 
 
 
-def test_compiled_decoding_matches_eager_and_compiles_once(one_thread):
+def test_compiled_decoding_matches_eager_and_compiles_once(one_thread, compiled_globals):
     """fast.compile_decoding runs the cached steps through torch.compile (here its aot_eager backend:
     the same graph capture as inductor, without code generation; inductor gave the same tokens when
     tried by hand): the tokens equal eager decoding, plainly and with 2 drafts, and a second generate
@@ -858,6 +858,86 @@ def test_compiled_decoding_matches_eager_and_compiles_once(one_thread):
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def compiled_globals():
+    """compile_decoding swaps module-level pieces (qwen35_mtp.cache_buffer, Cache.step); put them back."""
+    saved = qwen35_mtp.cache_buffer, Cache.step
+    yield
+    qwen35_mtp.cache_buffer, Cache.step = saved
+    torch._dynamo.reset()
+
+
+def test_gathered_experts_match_experts():
+    """fast.GatheredExperts (a batch of gathered expert weights, for compiled decoding) gives Experts'
+    result for 1 to 16 tokens, routed to repeated and distinct experts, and falls back beyond 16."""
+    from fast import GatheredExperts
+    moe = tiny_model(moe=True).model.layers[0].mlp
+    g = torch.Generator().manual_seed(21)
+    for N in (1, 3, 16, 40):
+        x = torch.randn(N, 64, generator=g)
+        weights, ids = F.softmax(moe.gate(x), -1).topk(2, dim=-1)
+        plain = moe.experts(x, ids, weights)
+        moe.experts.__class__ = GatheredExperts
+        assert max_diff(moe.experts(x, ids, weights), plain) <= 1e-6 * plain.abs().max(), N
+        moe.experts.__class__ = type(moe.experts).__mro__[1]
+
+
+def test_cache_pool_hands_memory_on_only_from_dead_caches():
+    """fast.CachePool: a buffer goes to the next owner only once its owner is gone, zeroed, and marked
+    as a static input for torch.compile."""
+    from fast import CachePool
+    pool, like = CachePool(), torch.zeros(1)
+    owner1, owner2, owner3 = KVCache(4), KVCache(4), KVCache(4)
+    first = pool.take(owner1, (2, 3), like).fill_(7)
+    assert pool.take(owner2, (2, 3), like).data_ptr() != first.data_ptr()       # owner1 still alive
+    assert pool.take(owner1, (3, 2), like).data_ptr() != first.data_ptr()       # another shape
+    address = first.data_ptr()
+    del owner1, first
+    again = pool.take(owner3, (2, 3), like)
+    assert again.data_ptr() == address and not again.any()
+    assert again._dynamo_static_input_type == "unguarded"
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_compiled_steps_can_replay_as_cuda_graphs(one_thread, compiled_globals, moe):
+    """What CUDA graph trees need from a compiled step, checked on the CPU through the same capture as
+    inductor (AOT autograd, which records which graph inputs a graph writes into): every input a
+    decoding step, a verification or a draft writes into (caches, undo buffers) is a static input, as
+    inductor requires before it replays a graph that mutates its inputs; a plain decoding step is two
+    graphs (the embedding lookup, then the layers after the host-side Cache.step), MoE included; and
+    the tokens equal eager decoding's. A second generate call writes into the same cache memory."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+    from fast import compile_decoding
+    graphs = []
+
+    def record(gm, example_inputs):
+        meta = TracingContext.try_get().fw_metadata
+        graphs.append(set(meta.mutated_inp_runtime_indices) - set(meta.static_input_indices))
+        return gm
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(22))
+    model = tiny_model(moe=moe)
+    plain, _ = generate(model, prompt, 10)
+    spec, _ = generate(model, prompt, 10, draft_tokens=2)
+    torch._dynamo.reset()
+    compile_decoding(model, backend=aot_autograd(fw_compiler=record))
+    assert torch.equal(generate(model, prompt, 10)[0], plain)
+    assert len(graphs) == 2
+    assert torch.equal(generate(model, prompt, 10, draft_tokens=2)[0], spec)
+    assert len(graphs) > 2 and all(not written for written in graphs), graphs
+    addresses = []
+    for _ in range(2):
+        cache = Cache(model.config.layer_types, 30)
+        with torch.no_grad():
+            model.model(prompt, None, cache)
+            model.model(prompt[:, :3], None, cache, rollback=True)
+        held = [v for layer in cache.layers for v in vars(layer).values()]
+        addresses.append([t.data_ptr() for v in held for t in (v if isinstance(v, tuple) else [v])
+                          if torch.is_tensor(t)])
+        del cache
+    assert addresses[0] == addresses[1]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -877,15 +957,21 @@ def test_fla_chunked_rule_matches_plain(dtype, tol):
 
 
 @cuda
-def test_speed_up_on_cuda_decodes_as_plain():
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_speed_up_on_cuda_decodes_as_plain(compiled_globals, moe):
     """On a GPU, speed_up(model, compile=True) (fla's rule if importable, compiled decoding replayed as
-    CUDA graphs) gives the plain model's greedy tokens, plainly and with 2 drafts."""
+    CUDA graphs) gives the plain model's greedy tokens, plainly and with 2 drafts, and inductor skipped
+    no CUDA graph (it skips one whose graph writes into an input that is not static, for example)."""
+    from torch._dynamo.utils import counters
     prompt = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(20)).cuda()
-    plain, _ = generate(tiny_model().cuda(), prompt, 40)
-    fast = speed_up(tiny_model().cuda(), compile=True)
+    plain, _ = generate(tiny_model(moe=moe).cuda(), prompt, 40)
+    fast = speed_up(tiny_model(moe=moe).cuda(), compile=True)
+    counters.clear()
     for _ in range(2):                                              # the second time replays
         assert torch.equal(generate(fast, prompt, 40)[0], plain)
         assert torch.equal(generate(fast, prompt, 40, draft_tokens=2)[0], plain)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
 
 def test_generate_rejects_bad_input():
     model, no_mtp = tiny_model(), tiny_model(mtp_num_hidden_layers=0)
