@@ -13,7 +13,8 @@ and the tests hold each one equal to the plain version.
 What it changes, by device:
   - CPU, fp32, a few rows (decoding one token, verifying a few drafts): `FewRowLinear`.
   - CUDA, when flash-linear-attention (fla) is importable: its chunked gated delta rule
-    (`fla_chunked_rule`) for prefill and training, as transformers uses it.
+    (`fla_chunked_rule`, as transformers uses it) and its causal conv (`fla_causal_conv`), for
+    prefill and training.
   - compile=True: `compile_decoding`, torch.compile of the cached steps of at most
     RECURRENT_MAX_TOKENS tokens (a decode step, a verification, a draft), which have static shapes
     because the caches are preallocated and written in place (their memory handed on between generate
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qwen35_mtp
-from qwen35_mtp import RECURRENT_MAX_TOKENS, Cache, Experts, GatedDeltaNet
+from qwen35_mtp import RECURRENT_MAX_TOKENS, Cache, Experts, GatedDeltaNet, causal_conv
 
 
 class FewRowLinear(nn.Linear):
@@ -80,6 +81,17 @@ def fla_chunked_rule(q, k, v, g, beta, initial_state=None):
     o, state = chunk_gated_delta_rule(q.to(v.dtype), k.to(v.dtype), v, g.float(), beta.to(v.dtype), scale=1.0,
                                       initial_state=initial_state, output_final_state=True)
     return o.float(), state.float()
+
+
+def fla_causal_conv(x, weight):
+    """causal_conv through fla's fused Triton kernel (CUDA only) for prefill and training: same arguments
+    and result. Steps of a few tokens (decoding) keep the plain taps, which torch.compile fuses."""
+    K = weight.shape[-1]
+    if x.shape[1] - (K - 1) <= RECURRENT_MAX_TOKENS:
+        return causal_conv(x, weight)
+    from fla.modules.causal_conv1d import causal_conv1d
+    y, _ = causal_conv1d(x, weight=weight[:, 0])     # zeros before x: its first K-1 outputs are not ours
+    return y[:, K - 1:]
 
 
 def fla_available():
@@ -152,7 +164,7 @@ def speed_up(model, compile=False):
         if type(module) is nn.Linear and module.bias is None:
             module.__class__ = FewRowLinear                    # a no-op off the CPU and in bf16
         if isinstance(module, GatedDeltaNet) and device.type == "cuda" and fla_available():
-            module.chunked_rule = fla_chunked_rule
+            module.chunked_rule, module.causal_conv = fla_chunked_rule, fla_causal_conv
     if compile:
         compile_decoding(model, mode="reduce-overhead" if device.type == "cuda" else None)
     return model

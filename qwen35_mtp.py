@@ -448,7 +448,8 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.v_heads))
         self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
-        self.chunked_rule = chunked_gated_delta_rule      # by name: fast.py may swap in a fused kernel
+        self.chunked_rule = chunked_gated_delta_rule      # by name: fast.py may swap in fused kernels
+        self.causal_conv = causal_conv
 
     def forward(self, x, step, cache=None):
         B, T, _ = x.shape
@@ -459,7 +460,7 @@ class GatedDeltaNet(nn.Module):
         window = cache.conv if cache is not None and cache.conv is not None else \
             qkv.new_zeros(B, self.kernel - 1, self.conv_dim)
         conv_in = torch.cat([window, qkv], dim=1)                            # [B, K-1+T, C]
-        qkv = F.silu(causal_conv(conv_in, self.conv1d.weight))               # [B, T, C]
+        qkv = F.silu(self.causal_conv(conv_in, self.conv1d.weight))          # [B, T, C]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = q.reshape(B, T, self.k_heads, self.dk), k.reshape(B, T, self.k_heads, self.dk)
         v = v.reshape(B, T, self.v_heads, self.dv)

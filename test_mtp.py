@@ -957,6 +957,29 @@ def test_fla_chunked_rule_matches_plain(dtype, tol):
 
 
 @cuda
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs flash-linear-attention (fla)")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fla_causal_conv_matches_plain(dtype, tol):
+    """fla's causal conv (fast.fla_causal_conv) gives the plain taps' result and gradients, at a prefill
+    length (fla) and a decoding one (the plain taps), within tol of the largest value. bf16: fla rounds
+    once, the plain taps after each tap."""
+    from fast import fla_causal_conv
+    from qwen35_mtp import causal_conv
+    g = torch.Generator().manual_seed(23)
+    for T in (3, 300):
+        w = torch.randn(6144, 1, 4, generator=g).cuda().to(dtype)
+        x = torch.randn(2, 3 + T, 6144, generator=g).cuda().to(dtype)
+        results = []
+        for conv in (causal_conv, fla_causal_conv):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = conv(xr, wr)
+            (y.float() ** 2).sum().backward()
+            results.append((y, xr.grad, wr.grad))
+        for name, ours, plain in zip(("output", "x grad", "w grad"), results[1], results[0]):
+            assert max_diff(ours, plain) <= tol * plain.abs().max(), f"fla causal conv {name}, T={T}, {dtype}"
+
+
+@cuda
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_speed_up_on_cuda_decodes_as_plain(compiled_globals, moe):
     """On a GPU, speed_up(model, compile=True) (fla's rule if importable, compiled decoding replayed as
