@@ -447,16 +447,17 @@ def projected_with_draft_vocabularies(coverage, draft_cost, verify, sizes, alpha
             print(line, flush=True)
 
 
-def drafting_steps(model, device="cpu"):
-    """The operations MTP decoding is made of, after a 64-token prompt through the backbone and the MTP
-    head: plain_step() (one decode step: the cache grows by a token), verify_step(T) (T tokens through
-    the backbone, then rolled back) and draft_step(head) (one greedy draft over a draft_head, as
-    generate() makes it, then dropped). Call them under torch.no_grad()."""
-    ids = torch.randint(0, model.config.vocab_size, (1, 65), generator=torch.Generator().manual_seed(2)).to(device)
-    cache, mtp_cache = Cache(model.config.layer_types, 200), Cache(["full_attention"], 200)
+def drafting_steps(model, device="cpu", context=64, capacity=200):
+    """The operations MTP decoding is made of, after a prompt of `context` tokens through the backbone and
+    the MTP head (caches for `capacity` tokens): plain_step() (one decode step: the cache grows by a
+    token), verify_step(T) (T tokens through the backbone, then rolled back) and draft_step(head) (one
+    greedy draft over a draft_head, as generate() makes it, then dropped). Call them under no_grad()."""
+    ids = torch.randint(0, model.config.vocab_size, (1, context + 1),
+                        generator=torch.Generator().manual_seed(2)).to(device)
+    cache, mtp_cache = Cache(model.config.layer_types, capacity), Cache(["full_attention"], capacity)
     with torch.no_grad():
-        hidden = model.model(ids[:, :64], None, cache)
-        model.mtp(hidden, model.model.embed_tokens(ids[:, 1:65]), torch.ones(1, 64, dtype=torch.bool, device=device),
+        hidden = model.model(ids[:, :context], None, cache)
+        model.mtp(hidden, model.model.embed_tokens(ids[:, 1:]), torch.ones(1, context, dtype=torch.bool, device=device),
                   mtp_cache)
     mtp_base = len(mtp_cache)
 
@@ -518,7 +519,7 @@ def speculative_08b(path_08b, quick, coverage):
 #   hf          transformers 5.24 without fla (its pure-PyTorch fallback)
 #   hf+fla      transformers 5.24 with fla's kernels, when fla is importable
 
-GPU_VARIANTS = ("ours", "ours+fast", "hf", "hf+fla")
+GPU_VARIANTS = ("ours+fast", "hf+fla", "hf", "ours")          # in this order: the most telling first
 
 
 def device_time(fn, device, runs, warmup=2):
@@ -548,8 +549,22 @@ def peak_memory(fn, device):
     return torch.cuda.max_memory_allocated() / 1e9
 
 
-def gpu_figures(variant, path, quick, device):
-    """{figure: value} for one implementation, measured in this process."""
+class FiguresFile(dict):
+    """{figure: value} that rewrites its JSON file at each new figure: a variant stopped at the suite's
+    time limit still leaves what it measured."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def __setitem__(self, name, value):
+        super().__setitem__(name, value)
+        with open(self.path, "w") as f:
+            json.dump(self, f)
+
+
+def gpu_figures(variant, path, quick, device, figures):
+    """Measure one implementation in this process, into figures ({figure: value})."""
     lengths, decode_after, train_shape = ((64, 128), 64, (2, 64)) if quick else ((512, 2048, 8192), 512, (4, 2048))
     runs = 3 if quick else 5
     ours = variant.startswith("ours")
@@ -564,13 +579,16 @@ def gpu_figures(variant, path, quick, device):
         prefill = lambda ids: model(ids, logits_to_keep=1)
         decode = lambda ids, n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                pad_token_id=0)
-    V, figures = model.config.vocab_size, {}
+    V = model.config.vocab_size
     ids = lambda B, T: torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
     with torch.no_grad():
         for T in lengths:
             x = ids(1, T)
             figures[f"prefill T={T}, ms"] = device_time(lambda: prefill(x), device, runs) * 1e3
         x, n = ids(1, decode_after), 16 if quick else 64
+        start = time.perf_counter()
+        decode(x, n + 1)                                        # ours+fast: compiles the decoding step
+        figures[f"first generate call of {n + 1} tokens (compiles), s"] = time.perf_counter() - start
         full, first = (device_time(lambda k=k: decode(x, k), device, 2, warmup=1) for k in (n + 1, 1))
         figures[f"decode, ms/token after {decode_after}"] = (full - first) / n * 1e3
     B, T = train_shape
@@ -589,19 +607,20 @@ def gpu_figures(variant, path, quick, device):
             figures[f"{name}, ms"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
     model.requires_grad_(False)
     if ours:
-        figures.update(mtp_costs(model, quick, device))
-    return figures
+        for name, value in mtp_costs(model, quick, device, decode_after, decode_after + n + 1).items():
+            figures[name] = value
 
 
-def mtp_costs(model, quick, device):
-    """A draft (over all ids, over the first 32768) and a verification of k+1 tokens, in plain decode
-    steps, and the speedups they project (as speculative_08b does)."""
+def mtp_costs(model, quick, device, context, capacity):
+    """A draft (over all ids, over the first 32768) and a verification of k+1 tokens (k = 1, 2), in plain
+    decode steps after `context` tokens, and the speedups they project (as speculative_08b does). The
+    caches have the decode figure's capacity, so that compiled steps of that shape are reused."""
     V = model.config.vocab_size
     runs, costs = (3 if quick else 9), {}
-    plain_step, verify_step, draft_step = drafting_steps(model, device)
+    plain_step, verify_step, draft_step = drafting_steps(model, device, context, capacity)
     with torch.no_grad():
         plain = device_time(plain_step, device, runs)
-        verify = {k: device_time(lambda k=k: verify_step(k + 1), device, runs) / plain for k in (1, 2, 3)}
+        verify = {k: device_time(lambda k=k: verify_step(k + 1), device, runs) / plain for k in (1, 2)}
         drafts = {"all ids": draft_head(model, None, None), "first 32768": draft_head(model, None, min(32768, V))}
         drafts = {name: device_time(lambda h=head: draft_step(h), device, runs) / plain for name, head in drafts.items()}
     costs["MTP: plain decode step, ms"] = plain * 1e3
@@ -615,8 +634,9 @@ def mtp_costs(model, quick, device):
     return costs
 
 
-def gpu_suite(quick, device):
+def gpu_suite(quick, device, time_limit):
     """Run each variant in a fresh process (fla hidden from 'ours' and 'hf'), then print one table."""
+    deadline = time.time() + time_limit
     random_checkpoint(os.path.join("runs", "bench", "quick" if quick else "qwen3.5-0.8b-random"),
                       QUICK if quick else REAL_08B)                     # the children load it
     fla = importlib.util.find_spec("fla") is not None
@@ -624,18 +644,23 @@ def gpu_suite(quick, device):
           f"fla {'importable' if fla else 'absent'}; bf16, random weights of the "
           f"{'tiny' if quick else 'Qwen3.5-0.8B'} shape")
     results = {}
-    for variant in GPU_VARIANTS:
-        if variant == "hf+fla" and not fla:
-            continue
+    variants = [v for v in GPU_VARIANTS if v != "hf+fla" or fla]
+    for i, variant in enumerate(variants):
         out = os.path.join("runs", "bench", f"gpu-{variant}.json")
+        if os.path.exists(out):
+            os.remove(out)
         env = {**os.environ, "BENCH_WITHOUT_FLA": "" if variant.endswith(("fla", "fast")) else "1"}
-        child = subprocess.run([sys.executable, "bench.py", "--device", device, "--variant", variant, "--json", out]
-                               + (["--quick"] if quick else []), env=env, capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.abspath(__file__)))
-        if child.returncode:
-            print(f"  {variant}: failed\n{child.stderr[-2000:]}")
-            continue
-        results[variant] = json.load(open(out))
+        limit = max(30.0, deadline - time.time() - 50 * (len(variants) - i - 1))
+        try:
+            child = subprocess.run([sys.executable, "bench.py", "--device", device, "--variant", variant, "--json", out]
+                                   + (["--quick"] if quick else []), env=env, capture_output=True, text=True,
+                                   cwd=os.path.dirname(os.path.abspath(__file__)), timeout=limit)
+            if child.returncode:
+                print(f"  {variant}: failed\n{child.stderr[-2000:]}")
+        except subprocess.TimeoutExpired:
+            print(f"  {variant}: stopped after {limit:.0f} s, with what it had measured")
+        if os.path.exists(out):
+            results[variant] = json.load(open(out))
     names = list(dict.fromkeys(name for figures in results.values() for name in figures))
     print(f"\n  {'figure':58s}" + "".join(f"{v:>13s}" for v in results) + "  ours+fast / hf+fla, hf")
     for name in names:
@@ -663,16 +688,16 @@ def main():
                         help="cuda: the GPU figures, each implementation in its own process")
     parser.add_argument("--gpu-suite", action="store_true", help="the GPU figures' code on --device cpu (a smoke "
                         "test with --quick); implied by --device cuda")
+    parser.add_argument("--time-limit", type=float, default=3600, help="seconds for the GPU figures: each variant "
+                        "is stopped in time to leave 50 s to each later one, and keeps what it measured")
     parser.add_argument("--variant", choices=GPU_VARIANTS, help=argparse.SUPPRESS)   # a child of the GPU suite
     args = parser.parse_args()
     if args.variant:
         path = os.path.join("runs", "bench", "quick" if args.quick else "qwen3.5-0.8b-random")
-        figures = gpu_figures(args.variant, path, args.quick, args.device)
-        with open(args.json, "w") as f:
-            json.dump(figures, f)
+        gpu_figures(args.variant, path, args.quick, args.device, FiguresFile(args.json))
         return
     if args.device == "cuda" or args.gpu_suite:
-        gpu_suite(args.quick, args.device)
+        gpu_suite(args.quick, args.device, args.time_limit)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

