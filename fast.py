@@ -22,6 +22,7 @@ What it changes, by device:
     routing); on CUDA in "reduce-overhead" mode, so that a step replays as a CUDA graph.
 """
 
+import functools
 import importlib.util
 import inspect
 import weakref
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qwen35_mtp
-from qwen35_mtp import RECURRENT_MAX_TOKENS, Cache, Experts, GatedDeltaNet, causal_conv
+from qwen35_mtp import RECURRENT_MAX_TOKENS, Cache, Experts, GatedDeltaNet, causal_conv, chunked_gated_delta_rule
 
 
 class FewRowLinear(nn.Linear):
@@ -73,10 +74,29 @@ class GatheredExperts(Experts):
         return (y.view(N, k, -1) * weights[..., None]).sum(1)
 
 
+@functools.cache
+def fla_backward_works(device):
+    """Whether fla's chunked rule can differentiate here, probed once on a tiny input: fla 0.6 refuses
+    its gated backward on Hopper GPUs with Triton 3.4 to 3.7.0, which compute wrong gradients there
+    (fla's issue #640)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    x = torch.randn(1, 64, 1, 64, device=device, requires_grad=True)
+    g, beta = -torch.rand(1, 64, 1, device=device), torch.rand(1, 64, 1, device=device)
+    try:
+        chunk_gated_delta_rule(x, x, x, g, beta, scale=1.0)[0].sum().backward()
+        return True
+    except RuntimeError:
+        return False
+
+
 def fla_chunked_rule(q, k, v, g, beta, initial_state=None):
     """chunked_gated_delta_rule through fla's fused Triton kernel (CUDA only): same arguments and
     results. The matrix work runs in v's dtype (bf16 in bf16 models, as transformers runs it); q comes
-    already scaled, so the kernel's own scale is 1."""
+    already scaled, so the kernel's own scale is 1. Where fla cannot differentiate (fla_backward_works),
+    a step that needs gradients takes the plain rule."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
+    if needs_grad and not fla_backward_works(q.device):
+        return chunked_gated_delta_rule(q, k, v, g, beta, initial_state)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     o, state = chunk_gated_delta_rule(q.to(v.dtype), k.to(v.dtype), v, g.float(), beta.to(v.dtype), scale=1.0,
                                       initial_state=initial_state, output_final_state=True)

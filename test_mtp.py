@@ -858,6 +858,22 @@ def test_compiled_decoding_matches_eager_and_compiles_once(one_thread, compiled_
     torch._dynamo.reset()
 
 
+def test_fla_rule_takes_the_plain_rule_where_fla_cannot_differentiate(monkeypatch):
+    """Where fla's backward refuses (fast.fla_backward_works: fla 0.6 on Hopper with Triton < 3.7.1), a
+    call that needs gradients goes to the plain chunked rule: same outputs and gradients, fla untouched
+    (it is not even importable here)."""
+    import fast
+    monkeypatch.setattr(fast, "fla_backward_works", lambda device: False)
+    q, k, v, g, beta, state = delta_rule_inputs(1, 70, 2, 16, 24, seed=24)
+    results = []
+    for rule in (chunked_gated_delta_rule, fast.fla_chunked_rule):
+        v_ = v.clone().requires_grad_()
+        o, s = rule(q, k, v_, g, beta, initial_state=state)
+        (o.sum() + s.sum()).backward()
+        results.append((o, s, v_.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.fixture
 def compiled_globals():
     """compile_decoding swaps module-level pieces (qwen35_mtp.cache_buffer, Cache.step); put them back."""
