@@ -289,11 +289,12 @@ class Attention(nn.Module):
 # The recurrent form below is the definition; the chunked form is the same map, reorganised
 # so that most of the work is matrix products (a test holds them equal).
 
-def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None):
+def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, states_out=None):
     """The gated delta rule, one token at a time.
     q, k [B, T, H, dk] (l2-normalised, q already scaled), v [B, T, H, dv], g, beta [B, T, H],
     initial_state [B, H, dk, dv] or None. Returns o [B, T, H, dv] and the state after every token
-    [B, T, H, dk, dv] (the last one is the final state), both fp32."""
+    [B, T, H, dk, dv] (the last one is the final state), both fp32; the states written into
+    states_out if given (a cache's buffer)."""
     q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
     B, T, H, dk = k.shape
     S = q.new_zeros(B, H, dk, v.shape[-1]) if initial_state is None else initial_state.float()
@@ -305,7 +306,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None):
         S = S + k[:, t, :, :, None] * delta[:, :, None, :]
         outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
         states.append(S)
-    return torch.stack(outputs, dim=1), torch.stack(states, dim=1)
+    return torch.stack(outputs, dim=1), torch.stack(states, dim=1, out=states_out)
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size=64):
@@ -411,7 +412,8 @@ class DeltaNetCache:
         if self.undoable:
             self.reserve_undo(T)
             for buffer, value in zip(self.undo, (conv_in, self.state, states)):
-                buffer.copy_(value)
+                if value is not buffer:          # the states may be written there already
+                    buffer.copy_(value)
         self.conv.copy_(conv_in[:, T:])
         self.state.copy_(state)
 
@@ -476,7 +478,8 @@ class GatedDeltaNet(nn.Module):
         if cache is None or (T > RECURRENT_MAX_TOKENS and not step.rollback):
             o, state = self.chunked_rule(q, k, v, g, beta, initial_state=state)
         else:
-            o, states = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+            into = cache.undo[2] if step.rollback and cache.undo is not None else None   # no copy later
+            o, states = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state, states_out=into)
             state = states[:, -1]
         if cache is not None:
             cache.update(conv_in, T, state, states if step.rollback else None)
