@@ -762,6 +762,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="auto = as stored")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding steps (CUDA graphs on "
+                        "a GPU; see fast.py): the first steps take a while, then each step costs less")
     parser.add_argument("--seed", type=int, help="seed for sampling")
     args = parser.parse_args(argv)
     fail = lambda e: parser.exit(2, f"{parser.prog}: error: {e}\n")   # one line, no traceback
@@ -802,7 +804,7 @@ def main(argv=None):
                        generator=None if args.seed is None else
                        torch.Generator(args.device).manual_seed(args.seed))
         generate(model, prompt, 0, **options)   # checks the options (drafts need an MTP head), decodes nothing
-        speed_up(model)
+        speed_up(model, compile=args.compile)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
 

@@ -1081,16 +1081,17 @@ def byte_checkpoint(tmp_path_factory):
 
 @pytest.mark.subprocess
 def test_cli_streams_what_generate_returns(word_checkpoint):
-    """Greedy, plain and with 2 MTP drafts per step (run side by side): both print the tokenizer's
-    decoding of the ids that generate returns in-process for the same prompt; the drafting run adds
-    its drafted and accepted counts and the acceptance per draft position to the summary."""
+    """Greedy, plain, with 2 MTP drafts per step, and the same --compile'd (run side by side): all print
+    the tokenizer's decoding of the ids that generate returns in-process for the same prompt; the
+    drafting runs add their drafted and accepted counts and the acceptance per draft position."""
     prompt, tokenizer = "the cat sat on", word_checkpoint.tokenizer
-    plain, drafting = [start_cli(word_checkpoint.path, "--prompt", prompt, "--max-new-tokens", 12,
-                                 "--draft-tokens", k) for k in (0, 2)]
-    plain, drafting = finish(plain), finish(drafting)
-    assert plain.returncode == 0 and drafting.returncode == 0, plain.stderr + drafting.stderr
+    runs = [start_cli(word_checkpoint.path, "--prompt", prompt, "--max-new-tokens", 12, "--draft-tokens", k, *more)
+            for k, more in ((0, ()), (2, ()), (2, ("--compile",)))]
+    plain, drafting, compiled = (finish(run) for run in runs)
+    assert plain.returncode == drafting.returncode == compiled.returncode == 0, \
+        plain.stderr + drafting.stderr + compiled.stderr
     ids, _ = generate(word_checkpoint.model, torch.tensor([tokenizer.encode(prompt).ids]), 12)
-    assert plain.stdout == drafting.stdout == tokenizer.decode(ids[0].tolist()) + "\n"
+    assert plain.stdout == drafting.stdout == compiled.stdout == tokenizer.decode(ids[0].tolist()) + "\n"
     assert plain.stdout.startswith(prompt + " ") and len(plain.stdout.split()) == 4 + 12
     assert "12 new tokens in " in plain.stderr and " tokens/s" in plain.stderr and "drafted" not in plain.stderr
     _, stats = generate(word_checkpoint.model, torch.tensor([tokenizer.encode(prompt).ids]), 12, draft_tokens=2)
