@@ -166,7 +166,7 @@ def prefill_and_decode(path, quick, flops, bandwidth):
                 per_token.append((full - first) / n)
             report("decode", f"decode ms/token {name} ({n} after 64)", per_token[0] * 1e3, per_token[1] * 1e3, "ms")
             weight_bytes = (params + ours.lm_head.weight.numel()) * dtype.itemsize
-            report("decode", f"  share of memory bandwidth (weights once)", weight_bytes / per_token[0] / 1e9 / bandwidth * 100,
+            report("decode", "  share of memory bandwidth (weights once)", weight_bytes / per_token[0] / 1e9 / bandwidth * 100,
                    weight_bytes / per_token[1] / 1e9 / bandwidth * 100, "%", "higher")
         del ours, theirs
     return results
@@ -416,7 +416,7 @@ def speculative_demo(quick):
         speed = n / median_time(lambda: generate(model, prompt, n, draft_tokens=k), 3)
         per_position = " ".join(f"{a / max(d, 1):.2f}" for a, d in zip(stats["accepted_at"], stats["drafted_at"]))
         report("spec", f"k={k} (acceptance by position {per_position})", speed, unit="tokens/s", better="higher")
-        report("spec", f"  speedup over plain, identical output", speed / plain_speed, unit="x", better="higher")
+        report("spec", "  speedup over plain, identical output", speed / plain_speed, unit="x", better="higher")
 
 
 def project_speedup(alpha, k, verify, draft_cost):
