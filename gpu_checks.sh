@@ -26,4 +26,4 @@ transformers.__version__, 'fla', 'importable' if u.find_spec('fla') else 'absent
 timeout 90 python3 -m pytest -q -p no:cacheprovider test_mtp.py -k "fla" 2>&1 | tee "$out/gpu-tests-fla.txt"
 timeout 300 python3 bench.py --device cuda --time-limit 280 --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.txt"
 cp runs/bench/gpu-*.json "$out"/ 2>/dev/null     # each variant's figures, also when the table was cut short
-timeout 150 python3 -m pytest -q -p no:cacheprovider test_mtp.py -k "cuda and not fla" 2>&1 | tee "$out/gpu-tests-compiled.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider test_mtp.py -k "on_cuda" 2>&1 | tee "$out/gpu-tests-compiled.txt"
