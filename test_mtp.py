@@ -885,7 +885,8 @@ def compiled_globals():
 
 def test_gathered_experts_match_experts():
     """fast.GatheredExperts (a batch of gathered expert weights, for compiled decoding) gives Experts'
-    result for 1 to 16 tokens, routed to repeated and distinct experts, and falls back beyond 16."""
+    result for 1 to 16 tokens, routed to repeated and distinct experts, and for 40 (where it hands
+    over to Experts.forward)."""
     from fast import GatheredExperts
     from qwen35_mtp import Experts
     moe = tiny_model(moe=True).model.layers[0].mlp
