@@ -7,8 +7,8 @@ faster equivalents where a benchmark (bench.py) showed that they pay or where th
 and the tests hold each one equal to the plain version.
 
     from fast import speed_up
-    speed_up(model)                      # load.py's command line and train.py's demo do this
-    speed_up(model, compile=True)        # also compile the decoding steps (on a GPU: CUDA graphs)
+    speed_up(model)                      # load.py's command line and train.py do this
+    speed_up(model, compile=True)        # also compile decoding (on a GPU: CUDA graphs) and each layer
 
 What it changes, by device:
   - CPU, fp32, a few rows (decoding one token, verifying a few drafts): `FewRowLinear`.
@@ -19,7 +19,9 @@ What it changes, by device:
     RECURRENT_MAX_TOKENS tokens (a decode step, a verification, a draft), which have static shapes
     because the caches are preallocated and written in place (their memory handed on between generate
     calls by a `CachePool`; MoE experts as `GatheredExperts`, whose shapes do not depend on the
-    routing); on CUDA in "reduce-overhead" mode, so that a step replays as a CUDA graph.
+    routing); on CUDA in "reduce-overhead" mode, so that a step replays as a CUDA graph. And
+    `compile_long_steps`: each decoder layer compiled on its own for everything else (prefill,
+    training), the number of tokens a symbol. train.py --compile uses that part alone.
 """
 
 import functools
@@ -33,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qwen35_mtp
-from qwen35_mtp import RECURRENT_MAX_TOKENS, Cache, Experts, GatedDeltaNet, causal_conv, chunked_gated_delta_rule
+from qwen35_mtp import (RECURRENT_MAX_TOKENS, Cache, DecoderLayer, Experts, GatedDeltaNet, causal_conv,
+                        chunked_gated_delta_rule)
 
 
 class FewRowLinear(nn.Linear):
@@ -57,6 +60,10 @@ class FewRowLinear(nn.Linear):
         return (self.weight @ x2.t())[:, :rows].t().reshape(*x.shape[:-1], -1)
 
 
+# Experts.forward counts tokens per expert on the host: compiled, every new routing would compile again
+experts_by_expert = torch.compiler.disable(Experts.forward)
+
+
 class GatheredExperts(Experts):
     """Experts that, for a few tokens, gather each (token, slot)'s expert weights and multiply them in one
     batch. Experts.forward groups tokens by expert with a host sync (.tolist()) and shapes that depend
@@ -66,12 +73,18 @@ class GatheredExperts(Experts):
     def forward(self, x, expert_ids, weights):
         N, k = expert_ids.shape
         if N > RECURRENT_MAX_TOKENS:
-            return super().forward(x, expert_ids, weights)
+            return experts_by_expert(self, x, expert_ids, weights)
         ids = expert_ids.flatten()                                               # [N*k]
         rows = x.repeat_interleave(k, dim=0)[:, :, None]                         # [N*k, H, 1]
         gate, up = torch.bmm(self.gate_up_proj[ids], rows)[..., 0].chunk(2, dim=-1)    # [N*k, I] each
         y = torch.bmm(self.down_proj[ids], (F.silu(gate) * up)[:, :, None])[..., 0]    # [N*k, H]
         return (y.view(N, k, -1) * weights[..., None]).sum(1)
+
+
+def gather_experts(model):
+    for module in model.modules():
+        if type(module) is Experts:
+            module.__class__ = GatheredExperts
 
 
 @functools.cache
@@ -150,10 +163,8 @@ def compile_decoding(model, **compile_options):
     host (Cache.step: lengths, slots, masks) stays outside the compiled graphs, and their buffers come
     from a CachePool. With CUDA graphs (mode="reduce-overhead") each step is a new graph-tree
     generation and its outputs are copied out, since the next replay overwrites them."""
-    qwen35_mtp.cache_buffer = CachePool().take
-    for module in model.modules():
-        if type(module) is Experts:
-            module.__class__ = GatheredExperts
+    qwen35_mtp.cache_buffer = torch.compiler.disable(CachePool().take)   # only a first, eager step allocates
+    gather_experts(model)
     Cache.step = torch.compiler.disable(Cache.step)
     graphs = compile_options.get("mode") == "reduce-overhead"
     model.model.forward = _compiled_for_short_steps(model.model.forward, "input_ids", compile_options, graphs)
@@ -177,6 +188,36 @@ def _compiled_for_short_steps(forward, tokens_argument, compile_options, graphs)
     return dispatch
 
 
+def compile_long_steps(model, **compile_options):
+    """torch.compile each decoder layer for the steps compile_decoding leaves alone: steps without a cache
+    (training, scoring) and cached steps of more than RECURRENT_MAX_TOKENS tokens (prefill). One layer at
+    a time ("regional" compilation): the layers of a kind run the same code with their weights as
+    inputs, so the compiler works through one layer of each kind, not the whole stack, and the number of
+    tokens is a symbol (dynamic=True), so a new prompt length compiles nothing. Three things stay eager,
+    as breaks between graphs: the chunked rule (its loop over chunks depends on the length; fla's is a
+    kernel already), fla's causal conv, and the experts' grouping of tokens by expert (host-side
+    counts)."""
+    gather_experts(model)
+    for module in model.modules():
+        if isinstance(module, GatedDeltaNet):
+            module.chunked_rule = torch.compiler.disable(module.chunked_rule)
+            if module.causal_conv is not causal_conv:
+                module.causal_conv = torch.compiler.disable(module.causal_conv)
+        if isinstance(module, DecoderLayer):
+            module.forward = _compiled_for_long_steps(module.forward, compile_options)
+    return model
+
+
+def _compiled_for_long_steps(forward, compile_options):
+    compiled = torch.compile(forward, dynamic=True, **compile_options)
+
+    def dispatch(x, step, cache=None):
+        if cache is not None and x.shape[1] <= RECURRENT_MAX_TOKENS:     # decoding: compile_decoding's part
+            return forward(x, step, cache)
+        return compiled(x, step, cache)
+    return dispatch
+
+
 def speed_up(model, compile=False):
     """Apply what pays on the model's device (see the module docstring); returns the model."""
     device = next(model.parameters()).device
@@ -187,4 +228,5 @@ def speed_up(model, compile=False):
             module.chunked_rule, module.causal_conv = fla_chunked_rule, fla_causal_conv
     if compile:
         compile_decoding(model, mode="reduce-overhead" if device.type == "cuda" else None)
+        compile_long_steps(model)
     return model

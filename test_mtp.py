@@ -858,6 +858,50 @@ def test_compiled_decoding_matches_eager_and_compiles_once(one_thread, compiled_
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_compiled_long_steps_match_eager_and_compile_once(one_thread, moe):
+    """fast.compile_long_steps (each decoder layer compiled, the number of tokens a symbol; here with the
+    aot_eager backend: inductor's capture without its code generation; inductor gave the same by hand)
+    computes what the eager model does: the logits of a forward without a cache, generate's tokens after
+    a 30-token prompt (a cached step longer than RECURRENT_MAX_TOKENS), the training loss with the MTP loss
+    and its gradients. Another prompt length, another batch shape and (MoE) another routing compile no
+    new graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from fast import compile_long_steps
+    model = tiny_model(moe=moe)
+    data = lambda B, T, seed: torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(seed))
+
+    def run(ids, prompt):
+        with torch.no_grad():
+            logits = model(ids, mtp=False).logits
+        tokens, _ = generate(model, prompt, 8)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return logits, tokens, out.loss.detach(), grads
+
+    cases = [(data(2, 40, 1), data(1, 30, 2)), (data(3, 57, 3), data(1, 45, 4))]
+    eager = [run(*case) for case in cases]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_long_steps(model, backend="aot_eager")
+    for i, (case, (logits, tokens, loss, grads)) in enumerate(zip(cases, eager)):
+        c_logits, c_tokens, c_loss, c_grads = run(*case)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs > 0
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert (c_logits - logits).abs().max() <= 1e-5 * logits.abs().max()
+        assert torch.equal(c_tokens, tokens)
+        assert abs(c_loss - loss) <= 1e-6 * loss
+        assert grads.keys() == c_grads.keys()
+        for name, grad in grads.items():
+            assert (c_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-9, name
+    torch._dynamo.reset()
+
+
 def test_fla_rule_takes_the_plain_rule_where_fla_cannot_differentiate(monkeypatch):
     """Where fla's backward refuses (fast.fla_backward_works: fla 0.6 on Hopper with Triton < 3.7.1), a
     call that needs gradients goes to the plain chunked rule: same outputs and gradients, fla untouched
@@ -1013,6 +1057,28 @@ def test_speed_up_on_cuda_decodes_as_plain(compiled_globals, moe):
         assert torch.equal(generate(fast, prompt, 40)[0], plain)
         assert torch.equal(generate(fast, prompt, 40, draft_tokens=2)[0], plain)
     assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@cuda
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_compiled_layers_on_cuda_train_as_plain(moe):
+    """On a GPU, fast.compile_long_steps with inductor (what speed_up(model, compile=True) and train.py
+    --compile add for prefill and training) gives the loss with the MTP loss and every gradient of the
+    same sped-up model uncompiled (fla's kernels in both where importable), in fp32."""
+    from fast import compile_long_steps
+    ids = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(21)).cuda()
+    results = []
+    for compiled in (False, True):
+        model = speed_up(tiny_model(moe=moe).cuda())
+        if compiled:
+            compile_long_steps(model)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (loss, grads), (c_loss, c_grads) = results
+    assert abs(c_loss - loss) <= 1e-5 * loss
+    for name, grad in grads.items():
+        assert max_diff(c_grads[name], grad) <= 1e-4 * grad.abs().max() + 1e-9, name
 
 
 def test_generate_rejects_bad_input():
@@ -1298,7 +1364,8 @@ def test_demo_command_runs(tmp_path):
 def test_bench_gpu_suite_runs_on_cpu(tmp_path):
     """The code a GPU session runs (bench.py --device cuda) as a smoke test on the CPU: every variant
     present (transformers with fla only where fla is importable), with its prefill, decode, training
-    and, for ours, MTP figures; compiled decoding included."""
+    and, for ours, MTP figures; ours+fast compiled (decoding and layers) with aot_eager, inductor's graph
+    capture without its code generation (slow on this CPU, and not what the smoke test is for)."""
     result = subprocess.run([sys.executable, "bench.py", "--gpu-suite", "--quick", "--json", str(tmp_path / "gpu.json")],
                             cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
