@@ -59,7 +59,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from fast import speed_up
+from fast import compile_long_steps, speed_up
 from load import load_checkpoint, read_config, read_tokenizer, save_checkpoint, save_updated
 from qwen35_mtp import MTPHead, Qwen35, Qwen35Config, generate, loss_targets
 
@@ -229,6 +229,14 @@ def make_optimizer(model, lr, steps):
 
 def decoder_layers(model):
     return list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
+
+
+def prepare(model, compile):
+    """What pays on the model's device (fast.speed_up: fla's kernels on a GPU), and with compile each
+    decoder layer compiled (fast.compile_long_steps: the first steps wait for the compiler)."""
+    speed_up(model)
+    if compile:
+        compile_long_steps(model)
 
 
 def checkpoint_activations(model):
@@ -534,10 +542,11 @@ def train_checkpoint(args, run, rank, world, log):
            f"all {n_trained / 1e6:,.2f}M on lm + {args.mtp_loss_weight} * mtp")
         + f", depth {args.mtp_depth}; {world} process(es), global batch {args.batch_size} x {args.seq_len} "
         f"in {args.grad_accum} micro-batch(es) per process")
-    if args.checkpoint_activations:
-        checkpoint_activations(model)
     if world > 1:
-        shard(model)
+        shard(model)                     # which moves each group to the device
+    prepare(model, args.compile)
+    if args.checkpoint_activations:
+        checkpoint_activations(model)    # around the compiled layers, if any
     optimizer, scheduler = make_optimizer(model, args.lr, args.steps)
     start = 0
     if run.state is not None:
@@ -637,6 +646,7 @@ def demo(args):
     model.config.mtp_loss_weight = args.mtp_loss_weight
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, layers {model.config.layer_types}")
+    prepare(model, args.compile)
     train(model, train_data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
           mtp_depth=args.mtp_depth, freeze_backbone=args.freeze_backbone, seed=args.seed,
           time_budget=args.time_budget, precision=args.precision, log_every=args.log_every)
@@ -651,7 +661,7 @@ def demo(args):
     print(f"saved {args.out}/config.json and model.safetensors")
     prompt = demo_prompt(held_out)
     print(f"prompt (held-out): {bytes(prompt[0].tolist()).decode(errors='replace')!r}")
-    _, ids = compare_decoding(speed_up(model), prompt, args.new_tokens)
+    _, ids = compare_decoding(model, prompt, args.new_tokens)
     print("continuation:\n" + bytes(ids[0, prompt.shape[1]:].tolist()).decode(errors="replace"))
 
 
@@ -683,6 +693,8 @@ def main(argv=None):
     parser.add_argument("--freeze-backbone", action="store_true", help="train only the MTP head")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="bf16: autocast matrix products in training (weights stay fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fast.py's "
+                        "compile_long_steps): faster steps on a GPU once the first ones have compiled")
     parser.add_argument("--checkpoint-activations", action="store_true", help="recompute each decoder "
                         "layer's activations in backward: less memory, more time")
     parser.add_argument("--save-every", type=int, default=0, help="also save every N steps (for --resume)")
