@@ -44,7 +44,7 @@ import torch
 from transformers import Qwen3_5ForCausalLM
 from transformers.modeling_layers import MtpModel
 
-from fast import speed_up
+from fast import compile_decoding, compile_long_steps, speed_up
 from load import count_tokens, load_checkpoint, rank_tokens, read_config, save_checkpoint
 from qwen35_mtp import Cache, Qwen35, Qwen35Config, Sampling, draft, draft_head, generate
 from train import demo_config, demo_prompt, stdlib_corpus
@@ -168,7 +168,7 @@ def prefill_and_decode(path, quick, flops, bandwidth):
             weight_bytes = (params + ours.lm_head.weight.numel()) * dtype.itemsize
             report("decode", "  share of memory bandwidth (weights once)", weight_bytes / per_token[0] / 1e9 / bandwidth * 100,
                    weight_bytes / per_token[1] / 1e9 / bandwidth * 100, "%", "higher")
-        del ours, theirs
+        ours = theirs = None                  # free this dtype's models before loading the next
     return results
 
 
@@ -515,7 +515,8 @@ def speculative_08b(path_08b, quick, coverage):
 # --device cuda: the GPU figures (bf16, batch 1 unless said), each implementation in its own process
 #
 #   ours        the reference as written (plain PyTorch, eager)
-#   ours+fast   fast.speed_up(model, compile=True): fla's chunked rule, compiled decoding as CUDA graphs
+#   ours+fast   fast.speed_up(model, compile=True): fla's kernels, compiled decoding as CUDA graphs, and
+#               each decoder layer compiled for prefill and training
 #   hf          transformers 5.24 without fla (its pure-PyTorch fallback)
 #   hf+fla      transformers 5.24 with fla's kernels, when fla is importable
 
@@ -535,6 +536,15 @@ def device_time(fn, device, runs, warmup=2):
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def first_call_time(fn, device):
+    """Seconds of one call of fn() (the first: compiling, for a compiled model)."""
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def peak_memory(fn, device):
@@ -570,8 +580,10 @@ def gpu_figures(variant, path, quick, device, figures):
     ours = variant.startswith("ours")
     if ours:
         model = load_checkpoint(path, dtype=torch.bfloat16, device=device)
-        if variant == "ours+fast":
+        if variant == "ours+fast" and device == "cuda":
             speed_up(model, compile=True)
+        elif variant == "ours+fast":         # the CPU smoke test of this code: the graphs, not inductor's code
+            compile_long_steps(compile_decoding(speed_up(model), backend="aot_eager"), backend="aot_eager")
         prefill = lambda ids: model.lm_head(model.model(ids)[:, -1])
         decode = lambda ids, n: generate(model, ids, n)
     else:
@@ -581,16 +593,21 @@ def gpu_figures(variant, path, quick, device, figures):
                                                pad_token_id=0)
     V = model.config.vocab_size
     ids = lambda B, T: torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
+    # decoding first: its figures are the most telling (and what a GPU session cut short should keep)
     with torch.no_grad():
+        x, n = ids(1, decode_after), 16 if quick else 64
+        figures[f"first generate call of {n + 1} tokens (compiles), s"] = first_call_time(lambda: decode(x, n + 1),
+                                                                                           device)
+        full, first = (device_time(lambda k=k: decode(x, k), device, 2, warmup=1) for k in (n + 1, 1))
+        figures[f"decode, ms/token after {decode_after}"] = (full - first) / n * 1e3
+        if ours:
+            for name, value in mtp_costs(model, quick, device, decode_after, decode_after + n + 1).items():
+                figures[name] = value
+        x = ids(1, lengths[0])
+        figures[f"first prefill call, T={lengths[0]} (compiles), s"] = first_call_time(lambda: prefill(x), device)
         for T in lengths:
             x = ids(1, T)
             figures[f"prefill T={T}, ms"] = device_time(lambda: prefill(x), device, runs) * 1e3
-        x, n = ids(1, decode_after), 16 if quick else 64
-        start = time.perf_counter()
-        decode(x, n + 1)                                        # ours+fast: compiles the decoding step
-        figures[f"first generate call of {n + 1} tokens (compiles), s"] = time.perf_counter() - start
-        full, first = (device_time(lambda k=k: decode(x, k), device, 2, warmup=1) for k in (n + 1, 1))
-        figures[f"decode, ms/token after {decode_after}"] = (full - first) / n * 1e3
     B, T = train_shape
     x = ids(B, T)
     model.requires_grad_(True)
@@ -601,14 +618,11 @@ def gpu_figures(variant, path, quick, device, figures):
             model.zero_grad(set_to_none=True)
         name = f"training step B={B} T={T}{' with the MTP loss' if with_mtp else ''}"
         try:
+            figures[f"{name}, first call (compiles), s"] = first_call_time(step, device)
             figures[f"{name}, ms"] = device_time(step, device, runs, warmup=1) * 1e3
             figures[f"{name}, peak GB"] = peak_memory(step, device)
         except Exception as e:                                # e.g. a kernel that refuses this GPU
             figures[f"{name}, ms"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-    model.requires_grad_(False)
-    if ours:
-        for name, value in mtp_costs(model, quick, device, decode_after, decode_after + n + 1).items():
-            figures[name] = value
 
 
 def mtp_costs(model, quick, device, context, capacity):
@@ -662,7 +676,7 @@ def gpu_suite(quick, device, time_limit):
         if os.path.exists(out):
             results[variant] = json.load(open(out))
     names = list(dict.fromkeys(name for figures in results.values() for name in figures))
-    print(f"\n  {'figure':58s}" + "".join(f"{v:>13s}" for v in results) + "  ours+fast / hf+fla, hf")
+    print(f"\n  {'figure':70s}" + "".join(f"{v:>13s}" for v in results) + "  ours+fast / hf+fla, hf")
     for name in names:
         values = [results[v].get(name) for v in results]
         cells = "".join(f"{v:13.2f}" if isinstance(v, float) else f"{str(v or '-')[:12]:>13s}" for v in values)
@@ -671,7 +685,7 @@ def gpu_suite(quick, device, time_limit):
             theirs = results.get(base, {}).get(name)
             if isinstance(fast, float) and isinstance(theirs, float) and theirs:
                 ratios.append(f"{fast / theirs:.2f}")
-        print(f"  {name:58s}{cells}  {', '.join(ratios)}")
+        print(f"  {name:70s}{cells}  {', '.join(ratios)}")
         rows.append(dict(section="gpu", what=name, **{v: results[v].get(name) for v in results}))
 
 
