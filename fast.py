@@ -136,19 +136,21 @@ class CachePool:
     CUDA graph keeps the addresses of the buffers a step writes: with the memory handed on, the next
     generate call replays the recorded graphs instead of recording them again. Each request takes the
     first free buffer of its shape, dtype and device, so caches built in the same order get the same
-    buffers in the same roles. A buffer is free again once the cache layer that took it is garbage
-    collected: two live caches never share memory. Each buffer is marked as a static input of the
+    buffers in the same roles. A buffer is free again once the cache (or cache layer) that took it is
+    garbage collected: two live caches never share memory. (Compiling a new step leaves reference
+    cycles that keep the caches it traced alive until Python's cycle collector runs; the next generate
+    call then takes new memory, and its CUDA graphs are recorded once more.) Each buffer is marked as a static input of the
     compiled steps: CUDA graph trees replay a graph that writes into its inputs only when those are."""
 
     def __init__(self):
         self.buffers, self.taken = defaultdict(list), defaultdict(set)     # per (shape, dtype, device)
 
-    def take(self, owner, shape, like):
-        key = (tuple(shape), like.dtype, like.device)
+    def take(self, owner, shape, dtype, device):
+        key = (tuple(shape), dtype, torch.device(device))
         buffers, taken = self.buffers[key], self.taken[key]
         i = next((i for i in range(len(buffers)) if i not in taken), len(buffers))
         if i == len(buffers):
-            buffers.append(like.new_empty(shape))
+            buffers.append(torch.empty(shape, dtype=dtype, device=device))
             torch._dynamo.mark_static_address(buffers[i])
         taken.add(i)
         weakref.finalize(owner, taken.discard, i)
@@ -157,15 +159,16 @@ class CachePool:
 
 def compile_decoding(model, **compile_options):
     """torch.compile the backbone and the MTP head for cached steps of at most RECURRENT_MAX_TOKENS
-    tokens; everything else (prefill, training) stays eager. Each step length compiles once: the
-    step's tensors have the same shapes at every position (KV caches [B, kv_heads, capacity, hd],
-    masks [B, 1, T, capacity], the DeltaNet state written in place). The caches' bookkeeping on the
-    host (Cache.step: lengths, slots, masks) stays outside the compiled graphs, and their buffers come
-    from a CachePool. With CUDA graphs (mode="reduce-overhead") each step is a new graph-tree
-    generation and its outputs are copied out, since the next replay overwrites them."""
+    tokens (compile_long_steps does the rest). Each step length compiles once: the step's tensors have
+    the same shapes at every position (KV caches [B, kv_heads, capacity, hd], masks [B, 1, T, capacity],
+    the DeltaNet state written in place), and its slots come from a counter on the device. Only the
+    caches' bookkeeping on the host (Cache.begin_step: lengths, buffers) runs before the graph, so a
+    step is one graph; the buffers come from a CachePool. With CUDA graphs (mode="reduce-overhead")
+    each step is a new graph-tree generation and its outputs are copied out, since the next replay
+    overwrites them."""
     qwen35_mtp.cache_buffer = torch.compiler.disable(CachePool().take)   # only a first, eager step allocates
     gather_experts(model)
-    Cache.step = torch.compiler.disable(Cache.step)
+    Cache.begin_step = torch.compiler.disable(Cache.begin_step)
     graphs = compile_options.get("mode") == "reduce-overhead"
     model.model.forward = _compiled_for_short_steps(model.model.forward, "input_ids", compile_options, graphs)
     if model.mtp is not None:

@@ -214,10 +214,10 @@ def apply_rotary(x, cos, sin):
 # ----------------------------------------------------------------------------------------------
 # 3. Gated full attention
 
-def cache_buffer(owner, shape, like):
-    """A zeroed tensor (like's dtype and device) that the cache `owner` writes into in place. Every cache
-    allocates here; fast.py swaps in a pool that hands the memory on to later caches of the same shape."""
-    return like.new_zeros(shape)
+def cache_buffer(owner, shape, dtype, device):
+    """A zeroed tensor that the cache `owner` writes into in place. Every cache allocates here; fast.py
+    swaps in a pool that hands the memory on to later caches of the same shape."""
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class KVCache:
@@ -234,7 +234,7 @@ class KVCache:
         """k, v [B, kv_heads, T, head_dim] into slots [T]; returns the whole buffers."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k, self.v = (cache_buffer(self, (B, H, self.capacity, D), t) for t in (k, v))
+            self.k, self.v = (cache_buffer(self, (B, H, self.capacity, D), t.dtype, t.device) for t in (k, v))
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
@@ -398,16 +398,17 @@ class DeltaNetCache:
         if self.state is None or (self.undo is not None and self.undo[2].shape[1] == T):
             return
         B, K1, C = self.conv.shape
-        self.undo = (cache_buffer(self, (B, K1 + T, C), self.conv),
-                     cache_buffer(self, self.state.shape, self.state),
-                     cache_buffer(self, (B, T, *self.state.shape[1:]), self.state))
+        like_conv, like_state = (self.conv.dtype, self.conv.device), (self.state.dtype, self.state.device)
+        self.undo = (cache_buffer(self, (B, K1 + T, C), *like_conv),
+                     cache_buffer(self, self.state.shape, *like_state),
+                     cache_buffer(self, (B, T, *self.state.shape[1:]), *like_state))
 
     def update(self, conv_in, T, state, states=None):
         """conv_in [B, K-1+T, C]: the old window, then this step's T conv inputs; state: the final state;
         states [B, T, Hv, dk, dv]: the state after each token, given when the step may be rolled back."""
         if self.conv is None:                     # the first step: the buffers later steps write into
-            self.conv = cache_buffer(self, conv_in[:, T:].shape, conv_in)
-            self.state = cache_buffer(self, state.shape, state)
+            self.conv = cache_buffer(self, conv_in[:, T:].shape, conv_in.dtype, conv_in.device)
+            self.state = cache_buffer(self, state.shape, state.dtype, state.device)
         self.undoable = states is not None
         if self.undoable:
             self.reserve_undo(T)
@@ -621,47 +622,59 @@ class DecoderLayer(nn.Module):
 class Cache:
     """Decoding state of a stack of layers (the backbone or the MTP head), for up to `capacity` tokens
     per row: one KVCache or DeltaNetCache per layer, `valid` [B, capacity], which slots hold real
-    tokens (False: padding, or not written yet), `length`, how many slots are used, and `rope_deltas`
-    [B, 1], set by a prompt with images: later positions are the counted ones + rope_deltas."""
+    tokens (False: padding, or not written yet), `length`, how many slots are used (`next_slot` [1]
+    holds the same on the device), and `rope_deltas` [B, 1], set by a prompt with images: later
+    positions are the counted ones + rope_deltas.
+
+    Feeding T tokens takes two calls: `begin_step` (the host's bookkeeping: room, length, buffers) and
+    `step` (the step's tensors: slots, positions, mask), so that a compiled decoding step can be one
+    graph which never reads a Python length (each new length would compile a new graph)."""
 
     def __init__(self, layer_types, capacity):
         self.capacity = capacity
         self.layers = [DeltaNetCache() if t == "linear_attention" else KVCache(capacity) for t in layer_types]
-        self.valid = None
+        self.valid = self.next_slot = None
         self.length = 0
+        self.first_step = True
         self.rope_deltas = None
 
     def __len__(self):
         return self.length
 
-    def step(self, valid, config, dtype, rollback=False, positions=None):
-        """The Step for feeding T = valid.shape[1] more tokens; records them as cached. positions
-        [3, B, T]: given with images (section 7), and then every later step continues after them.
-        The first step attends over its own tokens only; later ones over the whole cache, masked."""
-        B, T = valid.shape
+    def begin_step(self, B, T, device, rollback=False):
+        """Make room for T more tokens per row: check the capacity, allocate at the first step, count
+        them, and reserve what undoing them needs if this step may be rolled back (rollback=True)."""
         if self.length + T > self.capacity:
             raise ValueError(f"a cache for {self.capacity} tokens cannot take {T} more after {self.length}")
+        self.first_step = self.length == 0
         if self.valid is None:
-            self.valid = valid.new_zeros(B, self.capacity)
-        slots = torch.arange(self.length, self.length + T, device=valid.device)
-        self.valid[:, self.length:self.length + T] = valid
-        first, self.length = self.length == 0, self.length + T
+            self.valid = cache_buffer(self, (B, self.capacity), torch.bool, device)
+            self.next_slot = cache_buffer(self, (1,), torch.long, device)
+        if rollback and not self.first_step:
+            for layer in self.layers:
+                layer.reserve_undo(T)
+        self.length += T
+
+    def step(self, valid, config, dtype, rollback=False, positions=None):
+        """The Step for the T = valid.shape[1] tokens begin_step made room for. positions [3, B, T]: given
+        with images (section 7), and then every later step continues after them. The first step attends
+        over its own tokens only; later ones over the whole cache, masked."""
+        slots = self.next_slot + torch.arange(valid.shape[1], device=valid.device)     # [T]
+        self.next_slot.add_(valid.shape[1])         # in place: += would also rebind the attribute
+        self.valid[:, slots] = valid
         counted = text_positions(self.valid)[:, slots]                        # [B, T]
         if positions is not None:
             # the next position is the largest so far + 1, however far images moved it from the count
             self.rope_deltas = positions.amax(dim=(0, 2))[:, None] - counted[:, -1:]
         elif self.rope_deltas is not None:
             positions = counted + self.rope_deltas
-        if first:
+        if self.first_step:
             step = make_step(valid, config, dtype, positions)
-        else:
+        else:       # a padding mask even if all are real: a decoding step's graph never asks the data
             cos, sin = rotary_cos_sin(counted if positions is None else positions, config, dtype)
             step = Step(cos, sin, attn_mask=attention_mask(self.valid, slots), over_cache=True,
-                        pad_mask=None if valid.all() else valid[..., None].to(dtype))
+                        pad_mask=valid[..., None].to(dtype))
         step.slots, step.rollback = slots, rollback
-        if rollback and not first:
-            for layer in self.layers:
-                layer.reserve_undo(T)
         return step
 
     def crop(self, length):
@@ -670,6 +683,7 @@ class Cache:
         for layer in self.layers:
             layer.drop_last(self.length - length)
         self.valid[:, length:] = False
+        self.next_slot.fill_(length)
         self.length = length
 
 
@@ -689,6 +703,8 @@ class TextModel(nn.Module):
         (None: all). `hidden_states`, a list, if given collects the embeddings and every layer's output
         (before the final norm). rollback: this cached step may be undone by cache.crop. With images
         (Qwen35.embed_inputs): embeds [B, T, H] replace embed_tokens(input_ids), positions [3, B, T]."""
+        if cache is not None:                       # the host's part first, before any tensor work
+            cache.begin_step(*input_ids.shape, input_ids.device, rollback)
         x = self.embed_tokens(input_ids) if embeds is None else embeds
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
         step = cache.step(valid, self.config, x.dtype, rollback, positions) if cache is not None else \
@@ -722,6 +738,8 @@ class MTPHead(nn.Module):
         this head's previous output); next_embeds [B, N, H]: input embeddings of the tokens one step
         later; valid [B, N] bool; positions: the rows' [3, B, N] positions with images (None: counted).
         Returns this head's output after `norm` [B, N, H] (feed it to lm_head)."""
+        if cache is not None:
+            cache.begin_step(*valid.shape, valid.device)
         step = cache.step(valid, self.config, hidden.dtype, positions=positions) if cache is not None else \
             make_step(valid, self.config, hidden.dtype, positions)
         # Qwen3.5 quirk: the embedding comes FIRST: fc.weight[:, :H] multiplies the embedding

@@ -84,6 +84,7 @@ def test_positions_match_get_rope_index(dense_vl):
     positions = mrope_positions(batch.ids, batch.mask.bool(), batch.grid_thw, dense_vl.model.config)
     assert torch.equal(positions, expected)
     cache = Cache([], batch.ids.shape[1])
+    cache.begin_step(*batch.mask.shape, batch.mask.device)
     cache.step(batch.mask.bool(), dense_vl.model.config, torch.float32, positions=positions)
     assert torch.equal(cache.rope_deltas, deltas)
 
