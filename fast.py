@@ -176,6 +176,19 @@ def compile_decoding(model, **compile_options):
     return model
 
 
+def with_plain_strides(x):
+    """x, or a contiguous copy if it is a view with other strides. A compiled graph is guarded on its
+    inputs' strides, even along dimensions of size 1: the last of N rows, x[:, -1:], would otherwise
+    compile a graph for each N (a draft chained on the head's output, for example)."""
+    if not torch.is_tensor(x):
+        return x
+    plain, step = [], 1
+    for size in reversed(x.shape):
+        plain.insert(0, step)
+        step *= size
+    return x if x.stride() == tuple(plain) else x.clone(memory_format=torch.contiguous_format)
+
+
 def _compiled_for_short_steps(forward, tokens_argument, compile_options, graphs):
     signature, compiled = inspect.signature(forward), torch.compile(forward, **compile_options)
 
@@ -184,10 +197,11 @@ def _compiled_for_short_steps(forward, tokens_argument, compile_options, graphs)
         cache, tokens = arguments.get("cache"), arguments[tokens_argument]
         if cache is None or len(cache) == 0 or tokens.shape[1] > RECURRENT_MAX_TOKENS:
             return forward(*args, **kwargs)
+        arguments = {name: with_plain_strides(value) for name, value in arguments.items()}
         if not graphs:
-            return compiled(*args, **kwargs)
+            return compiled(**arguments)
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*args, **kwargs).clone()
+        return compiled(**arguments).clone()
     return dispatch
 
 
