@@ -139,8 +139,9 @@ class CachePool:
     buffers in the same roles. A buffer is free again once the cache (or cache layer) that took it is
     garbage collected: two live caches never share memory. (Compiling a new step leaves reference
     cycles that keep the caches it traced alive until Python's cycle collector runs; the next generate
-    call then takes new memory, and its CUDA graphs are recorded once more.) Each buffer is marked as a static input of the
-    compiled steps: CUDA graph trees replay a graph that writes into its inputs only when those are."""
+    call then takes new memory, and its CUDA graphs are recorded once more.) Each buffer is marked as
+    a static input of the compiled steps: CUDA graph trees replay a graph that writes into its inputs
+    only when those are."""
 
     def __init__(self):
         self.buffers, self.taken = defaultdict(list), defaultdict(set)     # per (shape, dtype, device)
