@@ -538,15 +538,6 @@ def device_time(fn, device, runs, warmup=2):
     return statistics.median(times)
 
 
-def first_call_time(fn, device):
-    """Seconds of one call of fn() (the first: compiling, for a compiled model)."""
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def peak_memory(fn, device):
     """Peak GPU memory (GB) allocated while fn() runs (None off the GPU)."""
     if device != "cuda":
@@ -596,12 +587,13 @@ def gpu_figures(variant, path, quick, device, figures):
     # decoding first: the most telling figure (a variant stopped at its time limit keeps what it measured)
     with torch.no_grad():
         x, n = ids(1, decode_after), 16 if quick else 64
-        figures[f"first generate call of {n + 1} tokens (compiles), s"] = first_call_time(lambda: decode(x, n + 1),
-                                                                                           device)
+        figures[f"first generate call of {n + 1} tokens (compiles), s"] = device_time(lambda: decode(x, n + 1),
+                                                                                       device, 1, warmup=0)
         full, first = (device_time(lambda k=k: decode(x, k), device, 2, warmup=1) for k in (n + 1, 1))
         figures[f"decode, ms/token after {decode_after}"] = (full - first) / n * 1e3
         x = ids(1, lengths[0])
-        figures[f"first prefill call, T={lengths[0]} (compiles), s"] = first_call_time(lambda: prefill(x), device)
+        once = device_time(lambda: prefill(x), device, 1, warmup=0)         # one timed call: the first
+        figures[f"first prefill call, T={lengths[0]} (compiles), s"] = once
         for T in lengths:
             x = ids(1, T)
             figures[f"prefill T={T}, ms"] = device_time(lambda: prefill(x), device, runs) * 1e3
@@ -615,7 +607,7 @@ def gpu_figures(variant, path, quick, device, figures):
             model.zero_grad(set_to_none=True)
         name = f"training step B={B} T={T}{' with the MTP loss' if with_mtp else ''}"
         try:
-            figures[f"{name}, first call (compiles), s"] = first_call_time(step, device)
+            figures[f"{name}, first call (compiles), s"] = device_time(step, device, 1, warmup=0)
             figures[f"{name}, ms"] = device_time(step, device, runs, warmup=1) * 1e3
             figures[f"{name}, peak GB"] = peak_memory(step, device)
         except Exception as e:                                # e.g. a kernel that refuses this GPU
