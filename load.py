@@ -4,6 +4,8 @@ Load a Qwen3.5 checkpoint, as published (safetensors), into `qwen35_mtp.Qwen35`,
     model = load_checkpoint("Qwen3.5-0.8B/", dtype=torch.bfloat16)
     save_checkpoint(model, "runs/mine")        # config.json + model.safetensors, loadable here and by transformers
     save_updated("Qwen3.5-0.8B/", "runs/tuned", {"mtp.fc.weight": w, ...})   # the source's own layout, updated
+    model = checkpoint_model("Qwen3.5-0.8B/")  # on the meta device; then, one parameter at a time:
+    for name, tensor in checkpoint_tensors("Qwen3.5-0.8B/", model): ...      # (train.py keeps a shard of each)
 
 Module names mirror checkpoint keys, so loading is a prefix strip plus one table for experts:
 
@@ -222,74 +224,21 @@ def mtp_layer_count(keys):
     return max(layers) + 1 if layers else 1
 
 
-def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
-    """Build Qwen35 from a checkpoint directory (config.json + safetensors, single or sharded).
-    dtype=None keeps each tensor's dtype as stored; a dtype casts every tensor to it."""
+def checkpoint_model(path) -> Qwen35:
+    """The model a checkpoint directory describes, on the meta device (no memory yet): its config.json,
+    with the MTP head and the vision tower that the files hold. checkpoint_tensors reads its weights."""
     config = read_config(path)
-    files = checkpoint_files(path)
-    owner = checkpoint_keys(files, device)
+    keys = checkpoint_keys(checkpoint_files(path), "cpu")
     # The MTP head is whatever the files hold: transformers re-saves keep mtp_num_hidden_layers in
     # config.json but drop the mtp.* tensors. So is the vision tower (a CausalLM re-save has none).
-    has_tower = any(key.startswith("model.visual.") for key in owner)
+    has_tower = any(key.startswith("model.visual.") for key in keys)
     if has_tower and config.vision is None:
         raise ValueError(f"{path}: the files hold the vision tower (model.visual.*), but config.json has no "
                          "vision_config")
-    config = replace(config, mtp_num_hidden_layers=mtp_layer_count(owner),
+    config = replace(config, mtp_num_hidden_layers=mtp_layer_count(keys),
                      vision=config.vision if has_tower else None)
-
     with torch.device("meta"):
-        model = Qwen35(config)              # no memory: every parameter is assigned below
-    expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
-    loaded, fused_filled, unexpected, tied_head = {}, {}, [], None
-
-    def take(name, tensor, key, file):
-        if name not in expected:
-            unexpected.append(key)
-            return
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, but the config "
-                             f"expects {tuple(expected[name].shape)} for {name}")
-        if name in loaded:
-            raise ValueError(f"{file}: tensor {key} loads {name}, which was already loaded")
-        loaded[name] = tensor
-
-    for file in files:
-        with open_safetensors(file, device) as f:
-            for key in f.keys():
-                name = model_name(key)
-                try:
-                    tensor = f.get_tensor(key)
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise ValueError(f"{file}: cannot read tensor {key} (truncated or corrupt?): {e}") from e
-                if dtype is not None:
-                    tensor = tensor.to(dtype)
-                if name == "lm_head.weight" and config.tie_word_embeddings:
-                    tied_head = (tensor, key, file)       # checked against embed_tokens below
-                elif m := PER_EXPERT.match(name):
-                    fill_expert(expected, loaded, fused_filled, m, tensor, key, file, unexpected)
-                else:
-                    take(name, tensor, key, file)
-
-    if unexpected:
-        raise ValueError(f"{path}: tensors that match no model parameter (wrong config, or not a "
-                         f"Qwen3.5 checkpoint?): {sorted(unexpected)[:20]}{' ...' if len(unexpected) > 20 else ''}")
-    for name, filled in fused_filled.items():
-        if not all(filled.values()):
-            raise ValueError(f"{path}: missing expert tensors for {name}: "
-                             f"{sorted(part for part, ok in filled.items() if not ok)[:20]}")
-    if missing := sorted(set(expected) - set(loaded)):
-        raise ValueError(f"{path}: parameters missing from the checkpoint: {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''}")
-    if tied_head is not None:
-        tensor, key, file = tied_head
-        if not torch.equal(tensor, loaded["model.embed_tokens.weight"]):
-            raise ValueError(f"{file}: config ties lm_head to embed_tokens, but {key} differs from them")
-
-    for name, tensor in loaded.items():
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    model.tie_weights()
-    return model.eval()
+        return Qwen35(config)
 
 
 def fused_name(match):
@@ -304,30 +253,110 @@ def expert_part(fused, e, part):
     return {"gate_proj": expert[:half], "up_proj": expert[half:], "down_proj": expert}[part]
 
 
-def fill_expert(expected, loaded, fused_filled, match, tensor, key, file, unexpected):
-    """Copy one per-expert tensor into its slice of the fused expert parameter (see PER_EXPERT).
-    fused_filled[fused] records which (expert, part) slices have arrived."""
-    fused, e, part = fused_name(match), int(match.group(2)), match.group(3)
-    if fused not in expected:
-        unexpected.append(key)
-        return
-    E, rows, cols = expected[fused].shape
-    if e >= E:
-        raise ValueError(f"{file}: tensor {key} names expert {e}, but the config has {E} experts")
-    if fused not in fused_filled:
-        if fused in loaded:
-            raise ValueError(f"{file}: {key}: {fused} is stored both fused and per expert")
-        loaded[fused] = torch.empty(E, rows, cols, dtype=tensor.dtype, device=tensor.device)
-        parts = ["down_proj"] if part == "down_proj" else ["gate_proj", "up_proj"]
-        fused_filled[fused] = {f"{i}.{p}": False for i in range(E) for p in parts}
-    target = expert_part(loaded[fused], e, part)
-    if tuple(tensor.shape) != tuple(target.shape):
-        raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, but the config expects "
-                         f"{tuple(target.shape)}")
-    if fused_filled[fused][f"{e}.{part}"]:
-        raise ValueError(f"{file}: tensor {key} was already loaded")
-    target.copy_(tensor.to(target.dtype))
-    fused_filled[fused][f"{e}.{part}"] = True
+def plan_reads(path, files, model):
+    """What each file feeds into `model` (a meta model is enough), checked from the files' headers alone,
+    so that a bad checkpoint fails before any tensor is read. Returns {file: [(key, parameter name,
+    part)]} (part: None for a whole parameter, or (expert, "gate_proj" | "up_proj" | "down_proj") for a
+    slice of a fused one), {fused parameter: how many slices it takes}, and the (key, file) of a tied
+    lm_head, which must equal embed_tokens (compared when read)."""
+    expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
+    plan, seen, unexpected, tied_head = {}, {}, [], None
+    for file in files:
+        plan[file] = []
+        with open_safetensors(file, "cpu") as f:
+            for key in f.keys():
+                name, part, shape = model_name(key), None, tuple(f.get_slice(key).get_shape())
+                if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                    tied_head = (key, file)
+                    continue
+                if m := PER_EXPERT.match(name):
+                    name, part = fused_name(m), (int(m.group(2)), m.group(3))
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                target = expected[name]
+                if part is not None and part[0] >= len(target):
+                    raise ValueError(f"{file}: tensor {key} names expert {part[0]}, but the config has "
+                                     f"{len(target)} experts")
+                if part is not None:
+                    target = expert_part(target, *part)
+                if shape != tuple(target.shape):
+                    raise ValueError(f"{file}: tensor {key} has shape {shape}, but the config expects "
+                                     f"{tuple(target.shape)} for {name}")
+                got = seen.setdefault(name, set())
+                if got and (part is None) != (None in got):
+                    raise ValueError(f"{file}: {key}: {name} is stored both fused and per expert")
+                if part in got:
+                    raise ValueError(f"{file}: tensor {key} loads {name}, which was already loaded")
+                got.add(part)
+                plan[file].append((key, name, part))
+
+    if unexpected:
+        raise ValueError(f"{path}: tensors that match no model parameter (wrong config, or not a "
+                         f"Qwen3.5 checkpoint?): {sorted(unexpected)[:20]}{' ...' if len(unexpected) > 20 else ''}")
+    slices = {name: got for name, got in seen.items() if None not in got}
+    for name, got in slices.items():
+        kinds = ["down_proj"] if name.endswith("down_proj") else ["gate_proj", "up_proj"]
+        wanted = {(e, kind) for e in range(len(expected[name])) for kind in kinds}
+        if missing := sorted(f"{e}.{kind}" for e, kind in wanted - got):
+            raise ValueError(f"{path}: missing expert tensors for {name}: {missing[:20]}")
+    if missing := sorted(set(expected) - set(seen)):
+        raise ValueError(f"{path}: parameters missing from the checkpoint: {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''}")
+    return plan, {name: len(got) for name, got in slices.items()}, tied_head
+
+
+def checkpoint_tensors(path, model, dtype=None, device="cpu"):
+    """The weights of `model` (checkpoint_model(path)), read from the checkpoint's files one parameter at
+    a time: an iterator of (parameter name, tensor), cast to dtype (None: as stored), on device.
+    Everything is checked before this returns (plan_reads); while reading, only the parameter being
+    yielded, and a fused expert parameter whose per-expert slices are still arriving, are held here:
+    a process that keeps a shard of each parameter never holds the whole model."""
+    files = checkpoint_files(path)
+    plan, slices, tied_head = plan_reads(path, files, model)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+
+    def read(f, file, key):
+        try:
+            tensor = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{file}: cannot read tensor {key} (truncated or corrupt?): {e}") from e
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def tensors():
+        assembling = {}                 # fused expert parameters whose slices are still arriving
+        for file in files:
+            with open_safetensors(file, device) as f:
+                for key, name, part in plan[file]:
+                    tensor = read(f, file, key)
+                    if part is not None:
+                        if name not in assembling:
+                            assembling[name] = torch.empty(shapes[name], dtype=tensor.dtype, device=tensor.device)
+                        expert_part(assembling[name], *part).copy_(tensor)
+                        slices[name] -= 1
+                        if slices[name]:
+                            continue
+                        tensor = assembling.pop(name)
+                    if tied_head is not None and name == "model.embed_tokens.weight":
+                        head_key, head_file = tied_head
+                        with open_safetensors(head_file, device) as g:
+                            if not torch.equal(read(g, head_file, head_key), tensor):
+                                raise ValueError(f"{head_file}: config ties lm_head to embed_tokens, but "
+                                                 f"{head_key} differs from them")
+                    yield name, tensor
+
+    return tensors()
+
+
+def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
+    """Build Qwen35 from a checkpoint directory (config.json + safetensors, single or sharded).
+    dtype=None keeps each tensor's dtype as stored; a dtype casts every tensor to it."""
+    model = checkpoint_model(path)
+    for name, tensor in checkpoint_tensors(path, model, dtype, device):
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    model.tie_weights()
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------

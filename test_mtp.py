@@ -24,6 +24,7 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5ForCausalLM
 
 import qwen35_mtp
@@ -39,7 +41,8 @@ from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, MOE_CASE, REPO, T_LONG
                       all_tensors, assert_close, finish, get_case, max_diff, mtp_key, oracle_mtp_logits, run_cli,
                       start_cli, tiny_model, write_checkpoint, write_word_tokenizer)
 from fast import speed_up
-from load import config_from_hf, load_checkpoint, prompt_codec, save_checkpoint
+from load import (checkpoint_model, checkpoint_tensors, config_from_hf, load_checkpoint, prompt_codec,
+                  save_checkpoint)
 from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, chunked_gated_delta_rule, draft, draft_head,
                         generate, recurrent_gated_delta_rule, verify_drafts)
 from train import acceptance_counts, demo_config, evaluate, stdlib_corpus, train
@@ -323,6 +326,23 @@ def test_truncated_shard(tmp_path, tmp_path_factory):
         f.write(data[:len(data) // 2])
     with pytest.raises(ValueError, match=os.path.basename(shard).replace(".", r"\.")):
         load_checkpoint(path)
+
+
+def test_whole_checkpoint_is_checked_before_a_tensor_is_read(tmp_path, tmp_path_factory):
+    """checkpoint_tensors checks every file's keys and shapes from the headers when it is called, before
+    reading any tensor: a misshapen tensor in the last shard fails at once, not after the others were
+    read (train.py relies on it to refuse a run before it starts)."""
+    src = get_case("moe-tied-causallm-sharded", tmp_path_factory).path
+    path = shutil.copytree(src, tmp_path / "ckpt")
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    last = sorted(set(weight_map.values()))[-1]
+    tensors = load_file(os.path.join(path, last))
+    key = sorted(tensors)[-1]
+    tensors[key] = torch.zeros(2, 3)
+    save_file(tensors, os.path.join(path, last))
+    with pytest.raises(ValueError, match=rf"{last}: tensor {re.escape(key)} has shape \(2, 3\)"):
+        checkpoint_tensors(path, checkpoint_model(path))
 
 
 def test_missing_config(official_dense, tmp_path):
