@@ -242,11 +242,16 @@ def test_resumed_run_gives_the_same_losses(head_only, tmp_path, text, monkeypatc
 
 
 @pytest.mark.subprocess
-def test_torchrun_two_processes_reach_the_weights_of_one(tmp_path, text, head_only):
+@pytest.mark.parametrize("source", ["dense", "moe-without-head"])
+def test_torchrun_two_processes_reach_the_weights_of_one(tmp_path, text, head_only, source):
     """torchrun --nproc-per-node 2 (gloo, FSDP2, activation checkpointing), two micro-batches each, full
     training at depth 2: the same losses and, after 4 AdamW steps, the same fp32 weights as one process
-    (up to the order of float additions)."""
-    common = ["--init", head_only[0], "--data", text, "--steps", 4, "--grad-accum", 2, "--mtp-depth", 2, *SMALL]
+    (up to the order of float additions). Each process reads the checkpoint into its own shards only
+    (train.materialize), from a dense tied checkpoint with an MTP head, and from a sharded MoE one
+    without: the fresh head's initial weights go in the same way."""
+    init = head_only[0] if source == "dense" else official_checkpoint(tmp_path / "in", moe=True, sharded=True,
+                                                                       mtp=False)
+    common = ["--init", init, "--data", text, "--steps", 4, "--grad-accum", 2, "--mtp-depth", 2, *SMALL]
     one = run(*common, "--out", tmp_path / "one")
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
                              "--nproc-per-node", "2", "train.py", *map(str, common), "--checkpoint-activations",

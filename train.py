@@ -31,7 +31,8 @@ With --init DIR (any checkpoint load.py reads: dense or MoE, VL-wrapped or flat,
   - --out gets the input's layout exactly (load.save_updated: untrained tensors copied bit for bit) plus
     train_state/ for --resume, every --save-every steps and at the end, each save replacing the last
     atomically. Under torchrun each process trains on its share of each global batch, the model
-    sharded with FSDP2, and reaches the weights one process would.
+    sharded with FSDP2, and reaches the weights one process would; it reads the checkpoint one tensor
+    at a time and keeps only its own shards (materialize), so no process holds the whole model.
   - held-out LM loss, MTP loss and teacher-forced acceptance per depth: at the start, every
     --eval-every steps and at the end.
 """
@@ -39,6 +40,7 @@ With --init DIR (any checkpoint load.py reads: dense or MoE, VL-wrapped or flat,
 import argparse
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -57,10 +59,11 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from fast import compile_long_steps, speed_up
-from load import load_checkpoint, read_config, read_tokenizer, save_checkpoint, save_updated
+from load import checkpoint_model, checkpoint_tensors, read_config, read_tokenizer, save_checkpoint, save_updated
 from qwen35_mtp import MTPHead, Qwen35, Qwen35Config, generate, loss_targets
 
 
@@ -200,12 +203,29 @@ def global_batch(windows, step, batch_size, seed):
 # Model setup
 
 def add_mtp_head(model):
-    """Give a backbone without MTP weights a freshly initialised MTP head."""
+    """Give a backbone without MTP weights (on the meta device) an MTP head there too, and return the
+    head's fresh initial weights, (name, tensor) pairs to put in with the checkpoint's."""
     model.config = replace(model.config, mtp_num_hidden_layers=1)
-    model.mtp = MTPHead(model.config)
-    model.mtp.apply(model._init_weights)
-    model.mtp.to(model.lm_head.weight.device)
-    return model
+    head = MTPHead(model.config)
+    head.apply(model._init_weights)
+    with torch.device("meta"):
+        model.mtp = MTPHead(model.config)
+    return [("mtp." + name, p.detach()) for name, p in head.named_parameters()]
+
+
+def materialize(model, weights, device):
+    """Give a model built on the meta device (sharded or not) memory on `device`, and its weights from
+    (name, full tensor) pairs, one at a time. A sharded parameter (FSDP2's DTensor) keeps only its own
+    shard of each tensor, so no process ever holds the whole model."""
+    model.to_empty(device=device)
+    model.tie_weights()                  # to_empty may have given a tied lm_head memory of its own
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights:
+            param = params[name]
+            if isinstance(param, DTensor):
+                tensor = distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(tensor)
 
 
 def set_trainable(model, freeze_backbone):
@@ -424,11 +444,12 @@ def save_run(model, optimizer, scheduler, step, source, out, trained, data_key, 
 
 
 def resume_state(resume, model, trained, data_key):
-    """The training state in `resume`, checked against this run, its fp32 weights put into the model."""
+    """The training state in `resume` (its fp32 weights, the optimizer's), checked against this run.
+    Memory-mapped: each process reads only what it keeps, and the processes share the file's pages."""
     path = os.path.join(resume, STATE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume {resume}: no {STATE} in it (train.py writes one at each save)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     params = dict(model.named_parameters())
     saved = {name: tuple(t.shape) for name, t in state["weights"].items()}
     wanted = {name: tuple(params[name].shape) for name in trained}
@@ -438,9 +459,6 @@ def resume_state(resume, model, trained, data_key):
                          f"it trains {len(saved)} tensors, this run {len(wanted)}; differing: {differ[:3]}")
     if changed := {k: (state["data"].get(k), v) for k, v in data_key.items() if state["data"].get(k) != v}:
         raise ValueError(f"--resume {resume}: saved by a run with other data or batches, (then, now): {changed}")
-    with torch.no_grad():
-        for name in trained:
-            params[name].copy_(state["weights"][name])
     return state
 
 
@@ -490,7 +508,8 @@ def check_settings(args, world):
 
 def setup_run(args, world, device, log):
     """Read and check everything a run needs, writing nothing: bad input raises ValueError or
-    FileNotFoundError. Returns the model (fp32, unsharded), the data and the state to resume."""
+    FileNotFoundError. Returns the model (on the meta device), its weights (an iterator of fp32 tensors,
+    read when materialize puts them in), the data and the state to resume."""
     check_settings(args, world)
     source = args.resume or args.init
     if args.resume and not os.path.exists(args.resume) and os.path.exists(args.resume + ".previous"):
@@ -518,17 +537,20 @@ def setup_run(args, world, device, log):
         f"tokenizer {tokenizer}, end of text {eos}")
 
     torch.manual_seed(args.seed)            # a fresh MTP head starts the same in every process
-    # sharded, the model goes to the device group by group (fully_shard moves each): not whole
-    model = load_checkpoint(source, dtype=torch.float32, device="cpu" if world > 1 else device)
+    model = checkpoint_model(source)        # no memory yet: each process gets its weights once sharded
+    weights = checkpoint_tensors(source, model, dtype=torch.float32)       # checked now, read later
     if model.mtp is None:
-        add_mtp_head(model)
+        weights = itertools.chain(weights, add_mtp_head(model))
         log(f"{source} has no MTP head (no mtp.* tensors): training a freshly initialised one")
     model.config.mtp_loss_weight = args.mtp_loss_weight
     trained = set_trainable(model, args.freeze_backbone)
     data_key = dict(seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, tokens=len(train_ids),
                     crc32=zlib.crc32(train_ids.numpy().tobytes()))
     state = resume_state(args.resume, model, trained, data_key) if args.resume else None
-    return SimpleNamespace(source=source, model=model, device=device, trained=trained, train_windows=train_windows,
+    if state is not None:                   # the saved fp32 weights, not the checkpoint's (rounded) copy
+        weights = itertools.chain(weights, state["weights"].items())
+    return SimpleNamespace(source=source, model=model, weights=weights, device=device, trained=trained,
+                           train_windows=train_windows,
                            eval_windows=eval_windows, data_key=data_key, state=state)
 
 
@@ -543,7 +565,8 @@ def train_checkpoint(args, run, rank, world, log):
         + f", depth {args.mtp_depth}; {world} process(es), global batch {args.batch_size} x {args.seq_len} "
         f"in {args.grad_accum} micro-batch(es) per process")
     if world > 1:
-        shard(model)                     # which moves each group to the device
+        shard(model)
+    materialize(model, run.weights, device)
     prepare(model, args.compile)
     if args.checkpoint_activations:
         checkpoint_activations(model)    # around the compiled layers, if any
