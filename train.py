@@ -214,9 +214,9 @@ def add_mtp_head(model):
 
 
 def materialize(model, weights, device):
-    """Give a model built on the meta device (sharded or not) memory on `device`, and its weights from
-    (name, full tensor) pairs, one at a time. A sharded parameter (FSDP2's DTensor) keeps only its own
-    shard of each tensor, so no process ever holds the whole model."""
+    """Give a model built on the meta device (sharded or not) memory on `device` (in its parameters'
+    dtype), and its weights from (name, full tensor) pairs, one at a time. A sharded parameter (FSDP2's
+    DTensor) keeps only its own shard of each tensor, so no process ever holds the whole model."""
     model.to_empty(device=device)
     model.tie_weights()                  # to_empty may have given a tied lm_head memory of its own
     params = dict(model.named_parameters())
@@ -538,7 +538,7 @@ def setup_run(args, world, device, log):
 
     torch.manual_seed(args.seed)            # a fresh MTP head starts the same in every process
     model = checkpoint_model(source)        # no memory yet: each process gets its weights once sharded
-    weights = checkpoint_tensors(source, model, dtype=torch.float32)       # checked now, read later
+    weights = checkpoint_tensors(source, model)    # checked now, read later; as stored, made fp32 on copy
     if model.mtp is None:
         weights = itertools.chain(weights, add_mtp_head(model))
         log(f"{source} has no MTP head (no mtp.* tensors): training a freshly initialised one")
