@@ -17,7 +17,8 @@ Module names mirror checkpoint keys, so loading is a prefix strip plus one table
     model.visual.X           (vision tower)         visual.X   (absent: a text-only model, visual = None)
 
 The loader is strict: every parameter is loaded exactly once, every tensor in the files is used,
-shapes must match, and nothing is left randomly initialised.
+shapes must match, and nothing is left randomly initialised; all of it is checked from the files'
+headers before the first tensor is read.
 
 From the command line (see main at the end):
 
