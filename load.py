@@ -276,10 +276,10 @@ def plan_reads(path, files, model):
                     unexpected.append(key)
                     continue
                 target = expected[name]
-                if part is not None and part[0] >= len(target):
-                    raise ValueError(f"{file}: tensor {key} names expert {part[0]}, but the config has "
-                                     f"{len(target)} experts")
                 if part is not None:
+                    if part[0] >= len(target):
+                        raise ValueError(f"{file}: tensor {key} names expert {part[0]}, but the config has "
+                                         f"{len(target)} experts")
                     target = expert_part(target, *part)
                 if shape != tuple(target.shape):
                     raise ValueError(f"{file}: tensor {key} has shape {shape}, but the config expects "

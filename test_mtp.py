@@ -396,6 +396,24 @@ def test_missing_expert_tensor(name, key, message, tmp_path, tmp_path_factory):
         load_checkpoint(write_checkpoint(tmp_path / "ckpt", tensors, config))
 
 
+@pytest.mark.parametrize("extra,message", [
+    ("mtp.layers.0.mlp.experts.{E}.down_proj.weight", r"experts\.{E}\.down_proj\.weight names expert {E}, but the "
+                                                      r"config has {E} experts"),
+    ("mtp.layers.0.mlp.experts.down_proj", r"mtp\.layers\.0\.mlp\.experts\.down_proj is stored both fused and per "
+                                           r"expert"),
+])
+def test_expert_tensor_that_fits_nowhere(extra, message, tmp_path, tmp_path_factory):
+    """Beside the official per-expert MTP tensors: an expert past the config's count, or the same experts
+    stored fused too, is refused by name (from the headers, before any tensor is read)."""
+    c = get_case("moe-untied-official", tmp_path_factory)
+    tensors = all_tensors(c.path)
+    E = c.config["text_config"]["num_experts"]
+    down = tensors["mtp.layers.0.mlp.experts.0.down_proj.weight"]
+    tensors[extra.format(E=E)] = down.clone() if "{E}" in extra else torch.stack([down] * E)
+    with pytest.raises(ValueError, match=message.format(E=E)):
+        load_checkpoint(write_checkpoint(tmp_path / "ckpt", tensors, c.config))
+
+
 def test_nonexistent_path(tmp_path):
     """A path that does not exist is reported by name."""
     missing = str(tmp_path / "no-such-checkpoint")

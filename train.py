@@ -508,8 +508,8 @@ def check_settings(args, world):
 
 def setup_run(args, world, device, log):
     """Read and check everything a run needs, writing nothing: bad input raises ValueError or
-    FileNotFoundError. Returns the model (on the meta device), its weights (an iterator of fp32 tensors,
-    read when materialize puts them in), the data and the state to resume."""
+    FileNotFoundError. Returns the model (on the meta device), its weights ((name, tensor) pairs, read
+    when materialize puts them in), the data and the state to resume."""
     check_settings(args, world)
     source = args.resume or args.init
     if args.resume and not os.path.exists(args.resume) and os.path.exists(args.resume + ".previous"):
@@ -550,8 +550,7 @@ def setup_run(args, world, device, log):
     if state is not None:                   # the saved fp32 weights, not the checkpoint's (rounded) copy
         weights = itertools.chain(weights, state["weights"].items())
     return SimpleNamespace(source=source, model=model, weights=weights, device=device, trained=trained,
-                           train_windows=train_windows,
-                           eval_windows=eval_windows, data_key=data_key, state=state)
+                           train_windows=train_windows, eval_windows=eval_windows, data_key=data_key, state=state)
 
 
 def train_checkpoint(args, run, rank, world, log):
