@@ -341,7 +341,7 @@ def test_whole_checkpoint_is_checked_before_a_tensor_is_read(tmp_path, tmp_path_
     key = sorted(tensors)[-1]
     tensors[key] = torch.zeros(2, 3)
     save_file(tensors, os.path.join(path, last))
-    with pytest.raises(ValueError, match=rf"{last}: tensor {re.escape(key)} has shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=rf"{re.escape(last)}: tensor {re.escape(key)} has shape \(2, 3\)"):
         checkpoint_tensors(path, checkpoint_model(path))
 
 
