@@ -417,6 +417,41 @@ def updated(key, stored, feed, params):
     return value.detach().to(stored.dtype).contiguous()
 
 
+def updated_files(source, names):
+    """The order in which save_updated writes files and reads parameter values: [(source file, [names])],
+    each file with the parameters among `names` that its tensors hold, in key order. Parameters that no
+    tensor holds (a freshly added MTP head) come with the single file of an unsharded checkpoint, or as
+    (None, [names]) last: one more shard, MTP_SHARD. Every process that gathers values for process 0's
+    save walks this list too (train.py), so each takes part in the same gathers in the same order."""
+    tied = read_config(source).tie_word_embeddings
+    names, plan, held = set(names), [], set()
+    for file in checkpoint_files(source):
+        with open_safetensors(file, "cpu") as f:
+            fed = dict.fromkeys(feeds(key, tied)[0] for key in f.keys())
+        held.update(fed)
+        plan.append((file, [name for name in fed if name in names]))
+    fresh = sorted(names - held)
+    if added := [name for name in fresh if not name.startswith("mtp.")]:
+        raise ValueError(f"{source}: no tensor holds parameter(s) {added[:5]}; only an MTP head can be added")
+    if fresh and os.path.exists(os.path.join(source, INDEX)):
+        plan.append((None, fresh))
+    elif fresh:
+        plan[0][1].extend(fresh)
+    return plan
+
+
+def write_mtp_shard(source, directory, tensors):
+    """An added MTP head's tensors as one more shard of a sharded checkpoint, listed in its index."""
+    save_file(tensors, os.path.join(directory, MTP_SHARD), metadata={"format": "pt"})
+    with open(os.path.join(source, INDEX)) as f:
+        index = json.load(f)
+    index["weight_map"].update({key: MTP_SHARD for key in tensors})
+    if "total_size" in index.get("metadata", {}):
+        index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(directory, INDEX), "w") as f:
+        json.dump(index, f, indent=2)
+
+
 def save_updated(source, directory, params):
     """Write the checkpoint in `source` to the new directory `directory` in exactly its layout (files,
     index, tensor names, shapes, dtypes, file metadata), with the model parameters `params`
@@ -425,48 +460,41 @@ def save_updated(source, directory, params):
     Parameters that no tensor feeds (a freshly added MTP head) are written as official top-level `mtp.*`
     keys, experts per expert, in one more shard listed in the index or in the single file, and
     config.json's mtp_num_hidden_layers counts their layers. Every other file beside the weights
-    (tokenizer.json, ...) is copied."""
+    (tokenizer.json, ...) is copied. One file at a time: `params` is read once per file that needs a
+    value, in updated_files' order, so it may be a mapping that gathers each value when read."""
     tied = read_config(source).tie_word_embeddings
-    files = checkpoint_files(source)
-    fed = {feeds(key, tied)[0] for key in checkpoint_keys(files, "cpu")}
-    fresh = {name: value for name, value in params.items() if name not in fed}
-    if added := [name for name in fresh if not name.startswith("mtp.")]:
-        raise ValueError(f"{source}: no tensor holds parameter(s) {added[:5]}; only an MTP head can be added")
-    sharded = os.path.exists(os.path.join(source, INDEX))
+    plan = updated_files(source, params)
     os.makedirs(directory)
-    dtype = None                     # of the stored embedding: the dtype an added head is written in
-    for file in files:
-        tensors = {}
+    dtype, added = None, []        # dtype: of the stored embedding, the dtype an added head is written in
+    for file, wanted in plan:
+        values = {name: params[name] for name in wanted}
+        if file is None:           # the added head of a sharded checkpoint
+            added += wanted
+            write_mtp_shard(source, directory, official_mtp_tensors(values, dtype))
+            continue
+        tensors, held = {}, set()
         with open_safetensors(file, "cpu") as f:
             metadata = f.metadata()
             for key in f.keys():
                 tensor, feed = f.get_tensor(key), feeds(key, tied)
                 if feed[0] == "model.embed_tokens.weight":
                     dtype = tensor.dtype
-                tensors[key] = updated(key, tensor, feed, params)
-        if fresh and not sharded:
+                tensors[key] = updated(key, tensor, feed, values)
+                held.add(feed[0])
+        if fresh := {name: value for name, value in values.items() if name not in held}:   # unsharded
+            added += fresh
             tensors.update(official_mtp_tensors(fresh, dtype))
         save_file(tensors, os.path.join(directory, os.path.basename(file)), metadata=metadata)
         shutil.copymode(file, os.path.join(directory, os.path.basename(file)))
-    if fresh and sharded:
-        extra = official_mtp_tensors(fresh, dtype)
-        save_file(extra, os.path.join(directory, MTP_SHARD), metadata={"format": "pt"})
-        with open(os.path.join(source, INDEX)) as f:
-            index = json.load(f)
-        index["weight_map"].update({key: MTP_SHARD for key in extra})
-        if "total_size" in index.get("metadata", {}):
-            index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in extra.values())
-        with open(os.path.join(directory, INDEX), "w") as f:
-            json.dump(index, f, indent=2)
-    if fresh:
+    if added:
         with open(os.path.join(source, "config.json")) as f:
             config = json.load(f)
-        config.get("text_config", config)["mtp_num_hidden_layers"] = mtp_layer_count(fresh)
+        config.get("text_config", config)["mtp_num_hidden_layers"] = mtp_layer_count(added)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
     for name in sorted(os.listdir(source)):
         path = os.path.join(source, name)
-        written = name.endswith(".safetensors") or (fresh and name in (INDEX, "config.json"))
+        written = name.endswith(".safetensors") or (added and name in (INDEX, "config.json"))
         if os.path.isfile(path) and not written:
             shutil.copyfile(path, os.path.join(directory, name))
 
