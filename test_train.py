@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
@@ -76,6 +77,16 @@ def run(*args):
     return train.main([str(a) for a in args])
 
 
+def saved_weights(out):
+    """The fp32 trained weights a run saved in OUT/train_state (torch.distributed.checkpoint's files), whole."""
+    path = os.path.join(out, train.STATE)
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    weights = {key.removeprefix("weights."): torch.empty(m.size, dtype=m.properties.dtype)
+               for key, m in metadata.items() if key.startswith("weights.")}
+    train.sharded_checkpoint(dcp.load, {"weights": weights}, path)
+    return weights
+
+
 def bits(t):
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
@@ -129,7 +140,7 @@ def test_full_training_of_a_moe_checkpoint_writes_every_trained_tensor(tmp_path,
     before, after = all_tensors(source), all_tensors(out)
     assert {k for k in before if torch.equal(bits(before[k]), bits(after[k]))} == \
         {k for k in before if k.startswith("model.visual.")}
-    trained = torch.load(os.path.join(out, train.STATE), weights_only=True)["weights"]
+    trained = saved_weights(out)
     loaded = dict(load_checkpoint(out).named_parameters())
     assert all(torch.equal(bits(loaded[n]), bits(w.to(torch.bfloat16))) for n, w in trained.items())
     assert_transformers_agrees(out, Qwen3_5MoeForConditionalGeneration)
@@ -153,7 +164,7 @@ def test_a_checkpoint_without_mtp_gets_an_official_style_head(tmp_path, text, mo
         assert "mtp.layers.0.mlp.experts.5.up_proj.weight" in added
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["text_config"]["mtp_num_hidden_layers"] == 1
-    trained = torch.load(os.path.join(out, train.STATE), weights_only=True)["weights"]
+    trained = saved_weights(out)
     loaded = dict(load_checkpoint(out).named_parameters())
     assert all(torch.equal(bits(loaded[n]), bits(w.to(torch.bfloat16))) for n, w in trained.items())
 
@@ -261,8 +272,16 @@ def test_torchrun_two_processes_reach_the_weights_of_one(tmp_path, text, head_on
     assert result.returncode == 0, result.stderr[-3000:]
     logged = [line.split()[3] for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [f"{r['lm_loss']:.3f}" for r in one["steps"]] == logged and result.stdout.count("saved ") == 1
-    a, b = (torch.load(tmp_path / d / train.STATE, weights_only=True)["weights"] for d in ("one", "two"))
+    a, b = (saved_weights(tmp_path / d) for d in ("one", "two"))
     assert a.keys() == b.keys() and max_diff_all(a, b) <= 1e-4
+    # what two processes saved (each its own shards) resumes in one as what one process saved does
+    resume = lambda d: run(*common[2:], "--steps", 6, "--resume", tmp_path / d, "--out", tmp_path / f"{d}-more")
+    losses = lambda rows: [(r["lm_loss"], *r["mtp_losses"]) for r in rows]
+    more_one, more_two = resume("one"), resume("two")
+    assert len(more_two["steps"]) == 2
+    assert torch.allclose(torch.tensor(losses(more_two["steps"])), torch.tensor(losses(more_one["steps"])), rtol=1e-5)
+    a, b = (saved_weights(tmp_path / f"{d}-more") for d in ("one", "two"))
+    assert max_diff_all(a, b) <= 1e-4 and max_diff_all(a, saved_weights(tmp_path / "one")) > 1e-3
 
 
 def test_compiled_layers_train_as_eager_ones(tmp_path, text, head_only, monkeypatch):
@@ -283,12 +302,35 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, text, head_only, monkeypa
     torch._dynamo.reset()
     losses = lambda rows: [(r["lm_loss"], *r["mtp_losses"]) for r in rows]
     assert torch.allclose(torch.tensor(losses(compiled["steps"])), torch.tensor(losses(eager["steps"])), rtol=1e-5)
-    a, b = (torch.load(tmp_path / d / train.STATE, weights_only=True)["weights"] for d in ("eager", "compiled"))
+    a, b = (saved_weights(tmp_path / d) for d in ("eager", "compiled"))
     assert a.keys() == b.keys() and max_diff_all(a, b) <= 1e-5
 
 
 def max_diff_all(a, b):
     return max(max_diff(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("moe, mtp", [(True, True), (False, False)])
+def test_save_reads_each_value_in_the_order_updated_files_gives(tmp_path, moe, mtp):
+    """Under torchrun, process 0's save_updated and the other processes' walk over load.updated_files
+    must gather the same parameters in the same order (else a gather waits forever): save_updated reads
+    exactly that sequence, each value once per file, over three shards and an added head's shard."""
+    source = official_checkpoint(tmp_path / "in", moe=moe, sharded=True, mtp=mtp)
+    model = load.checkpoint_model(source)
+    if not mtp:
+        train.add_mtp_head(model)
+    names = train.set_trainable(model, freeze_backbone=False)
+    values = {name: torch.zeros(p.shape) for name, p in model.named_parameters()}
+    reads = []
+
+    class Recorded(dict):
+        def __getitem__(self, name):
+            reads.append(name)
+            return super().__getitem__(name)
+    load.save_updated(source, str(tmp_path / "out"), Recorded((name, values[name]) for name in names))
+    plan = load.updated_files(source, names)
+    assert reads == [name for _, wanted in plan for name in wanted] and sorted(set(reads)) == sorted(names)
+    assert len(plan) == 3 + (not mtp) and (plan[-1][0] is None) == (not mtp)
 
 
 def test_killed_save_leaves_the_previous_checkpoint(head_only, tmp_path, text, monkeypatch):

@@ -32,7 +32,8 @@ With --init DIR (any checkpoint load.py reads: dense or MoE, VL-wrapped or flat,
     train_state/ for --resume, every --save-every steps and at the end, each save replacing the last
     atomically. Under torchrun each process trains on its share of each global batch, the model
     sharded with FSDP2, and reaches the weights one process would; it reads the checkpoint one tensor
-    at a time and keeps only its own shards (materialize), so no process holds the whole model.
+    at a time and keeps only its own shards (materialize), and saves its own shards of train_state/,
+    so no process holds the whole model (process 0 writes --out one file at a time).
   - held-out LM loss, MTP loss and teacher-forced acceptance per depth: at the start, every
     --eval-every steps and at the end.
 """
@@ -48,7 +49,9 @@ import shutil
 import sys
 import sysconfig
 import time
+import warnings
 import zlib
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from types import SimpleNamespace
@@ -56,14 +59,15 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from fast import compile_long_steps, speed_up
-from load import checkpoint_model, checkpoint_tensors, read_config, read_tokenizer, save_checkpoint, save_updated
+from load import (checkpoint_model, checkpoint_tensors, read_config, read_tokenizer, save_checkpoint, save_updated,
+                  updated_files)
 from qwen35_mtp import MTPHead, Qwen35, Qwen35Config, generate, loss_targets
 
 
@@ -403,63 +407,126 @@ def describe_evaluation(result):
 # ----------------------------------------------------------------------------------------------
 # Checkpointing: the checkpoint in the input's layout, plus the training state --resume reads
 
-STATE = os.path.join("train_state", "state.pt")
+STATE = "train_state"                    # torch.distributed.checkpoint's files: every process's shards
+RUN = os.path.join(STATE, "run.pt")       # and beside them the step, schedule, random states, data
 
 
-@contextmanager
-def replaced_atomically(directory):
-    """Yield a temporary directory that then replaces `directory` by two renames: a run killed while
-    saving leaves the previous checkpoint intact (in DIR.previous if killed between the renames)."""
-    tmp, previous = directory + ".tmp", directory + ".previous"
-    shutil.rmtree(tmp, ignore_errors=True)                     # left by a save that was killed
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(directory):
-        shutil.rmtree(previous, ignore_errors=True)
-        os.rename(directory, previous)
-    os.rename(tmp, directory)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def save_run(model, optimizer, scheduler, step, source, out, trained, data_key, rank):
-    """--out: the checkpoint in source's layout with the trained parameters (load.save_updated), and
-    train_state/state.pt: their fp32 values, the optimizer, schedule, step, random states and what
-    identifies the data. Every process takes part in gathering the shards; process 0 writes."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(model, options=full)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
-    rng = gather(torch.get_rng_state())
-    if rank == 0:
-        weights = {name: weights[name] for name in trained}     # a tied lm_head: once, as the embedding
-        with replaced_atomically(out) as tmp:
-            save_updated(source, tmp, weights)
-            os.makedirs(os.path.join(tmp, os.path.dirname(STATE)))
-            torch.save(dict(step=step, weights=weights, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
-                            rng=rng, data=data_key), os.path.join(tmp, STATE))
+def barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
+@contextmanager
+def replaced_atomically(directory, rank=0):
+    """Yield a temporary directory that then replaces `directory` by two renames: a run killed while
+    saving leaves the previous checkpoint intact (in DIR.previous if killed between the renames).
+    Under torchrun every process writes into it, and process 0 renames it once all are done."""
+    tmp, previous = directory + ".tmp", directory + ".previous"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)                 # left by a save that was killed
+    try:
+        yield tmp
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier()
+    if rank == 0:
+        if os.path.exists(directory):
+            shutil.rmtree(previous, ignore_errors=True)
+            os.rename(directory, previous)
+        os.rename(tmp, directory)
+        shutil.rmtree(previous, ignore_errors=True)
+    barrier()
+
+
+def trained_state(model, optimizer, trained):
+    """{"weights": the trained parameters by name, "optimizer": AdamW's state by parameter name}: each
+    process's shards, or whole tensors in one process."""
+    weights, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"weights": {name: weights[name] for name in trained},       # not a frozen tied lm_head.weight
+            "optimizer": optimizer_state}
+
+
+def sharded_checkpoint(save_or_load, state, path):
+    """dcp.save or dcp.load of `state` at `path`, each process writing or reading its own shards. Without a
+    process group, torch.distributed.checkpoint warns at each call that it assumes one process: it is so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        save_or_load(state, checkpoint_id=path)
+
+
+class WholeParameters(Mapping):
+    """The named parameters' values, each whole and on the CPU when read: a sharded one (FSDP2's
+    DTensor) is gathered from every process's shard then, so every process must read the same names
+    in the same order."""
+
+    def __init__(self, model, names):
+        params = dict(model.named_parameters())
+        self.params = {name: params[name] for name in names}
+
+    def __getitem__(self, name):
+        value = self.params[name].detach()
+        return (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self):
+        return len(self.params)
+
+
+def save_run(model, optimizer, scheduler, step, source, out, trained, data_key, rank):
+    """--out: the checkpoint in source's layout with the trained parameters put in (load.save_updated),
+    written by process 0 one file at a time, each file's parameters gathered as it needs them; and
+    train_state/: the trained parameters' fp32 values and the optimizer's state, each process writing
+    its own shards (torch.distributed.checkpoint), with run.pt: the step, schedule, random states and
+    what identifies the data. No process holds more than one file's parameters whole."""
+    weights = WholeParameters(model, trained)
+    rng = gather(torch.get_rng_state())
+    with replaced_atomically(out, rank) as tmp:
+        if rank == 0:
+            save_updated(source, tmp, weights)
+        else:                    # take part in the same gathers, in save_updated's order
+            for _, names in updated_files(source, trained):
+                for name in names:
+                    weights[name]
+        barrier()                # tmp exists: every process may write its shards into it
+        sharded_checkpoint(dcp.save, trained_state(model, optimizer, trained), os.path.join(tmp, STATE))
+        if rank == 0:
+            torch.save(dict(step=step, scheduler=scheduler.state_dict(), rng=rng, data=data_key),
+                       os.path.join(tmp, RUN))
+
+
 def resume_state(resume, model, trained, data_key):
-    """The training state in `resume` (its fp32 weights, the optimizer's), checked against this run.
-    Memory-mapped: each process reads only what it keeps, and the processes share the file's pages."""
-    path = os.path.join(resume, STATE)
+    """The saved run in `resume` (its run.pt), checked against this one from the shards' metadata: the
+    same parameters trained, the same data and batches. load_train_state reads the shards later."""
+    path = os.path.join(resume, RUN)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume {resume}: no {STATE} in it (train.py writes one at each save)")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        raise FileNotFoundError(f"--resume {resume}: no {RUN} in it (train.py writes one at each save)")
+    metadata = dcp.FileSystemReader(os.path.join(resume, STATE)).read_metadata().state_dict_metadata
+    saved = {key.removeprefix("weights."): tuple(m.size) for key, m in metadata.items() if key.startswith("weights.")}
     params = dict(model.named_parameters())
-    saved = {name: tuple(t.shape) for name, t in state["weights"].items()}
     wanted = {name: tuple(params[name].shape) for name in trained}
     if saved != wanted:
         differ = sorted(set(saved.items()) ^ set(wanted.items()))
         raise ValueError(f"--resume {resume}: the saved state does not match this model and --freeze-backbone: "
                          f"it trains {len(saved)} tensors, this run {len(wanted)}; differing: {differ[:3]}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if changed := {k: (state["data"].get(k), v) for k, v in data_key.items() if state["data"].get(k) != v}:
         raise ValueError(f"--resume {resume}: saved by a run with other data or batches, (then, now): {changed}")
     return state
+
+
+def load_train_state(resume, model, optimizer, trained):
+    """Put the saved fp32 weights and optimizer state in (the model has its memory, sharded or not): each
+    process reads only its own shards, whatever the number of processes that saved them."""
+    state = trained_state(model, optimizer, trained)          # the shapes and shards to read into
+    sharded_checkpoint(dcp.load, state, os.path.join(resume, STATE))
+    # then into the model and AdamW (some of the optimizer's state dict is copies); strict=False: the
+    # frozen parameters are not in it
+    set_state_dict(model, optimizer, model_state_dict=state["weights"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,8 +614,6 @@ def setup_run(args, world, device, log):
     data_key = dict(seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, tokens=len(train_ids),
                     crc32=zlib.crc32(train_ids.numpy().tobytes()))
     state = resume_state(args.resume, model, trained, data_key) if args.resume else None
-    if state is not None:                   # the saved fp32 weights, not the checkpoint's (rounded) copy
-        weights = itertools.chain(weights, state["weights"].items())
     return SimpleNamespace(source=source, model=model, weights=weights, device=device, trained=trained,
                            train_windows=train_windows, eval_windows=eval_windows, data_key=data_key, state=state)
 
@@ -572,8 +637,7 @@ def train_checkpoint(args, run, rank, world, log):
     optimizer, scheduler = make_optimizer(model, args.lr, args.steps)
     start = 0
     if run.state is not None:
-        set_optimizer_state_dict(model, optimizer, run.state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        load_train_state(args.resume, model, optimizer, run.trained)   # fp32, not the checkpoint's rounding
         scheduler.load_state_dict(run.state["scheduler"])
         torch.set_rng_state(run.state["rng"][rank % len(run.state["rng"])])
         start = run.state["step"]
