@@ -1386,8 +1386,9 @@ def test_demo_command_runs(tmp_path):
 def test_bench_gpu_suite_runs_on_cpu(tmp_path):
     """The code a GPU session runs (bench.py --device cuda) as a smoke test on the CPU: every variant
     present (transformers with fla only where fla is importable), with its prefill, decode, training
-    and, for ours, MTP figures; ours+fast compiled (decoding and layers) with aot_eager, inductor's graph
-    capture without its code generation (slow on this CPU, and not what the smoke test is for)."""
+    and, for ours, MTP figures; ours+fast compiled (decoding and layers) with dynamo's eager backend: its
+    graph capture only. What inductor and CUDA graphs see (AOT autograd's capture) and the compiled
+    results are the test_compiled_* tests' subject; here it would double this test's time."""
     result = subprocess.run([sys.executable, "bench.py", "--gpu-suite", "--quick", "--json", str(tmp_path / "gpu.json")],
                             cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
