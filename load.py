@@ -482,7 +482,7 @@ def save_updated(source, directory, params):
                 tensors[key] = updated(key, tensor, feed, values)
                 held.add(feed[0])
         if fresh := {name: value for name, value in values.items() if name not in held}:   # unsharded
-            added += fresh
+            added += list(fresh)
             tensors.update(official_mtp_tensors(fresh, dtype))
         save_file(tensors, os.path.join(directory, os.path.basename(file)), metadata=metadata)
         shutil.copymode(file, os.path.join(directory, os.path.basename(file)))
