@@ -259,7 +259,8 @@ def test_torchrun_two_processes_reach_the_weights_of_one(tmp_path, text, head_on
     training at depth 2: the same losses and, after 4 AdamW steps, the same fp32 weights as one process
     (up to the order of float additions). Each process reads the checkpoint into its own shards only
     (train.materialize), from a dense tied checkpoint with an MTP head, and from a sharded MoE one
-    without: the fresh head's initial weights go in the same way."""
+    without: the fresh head's initial weights go in the same way. What the two processes saved (each
+    its own shards of train_state/) then resumes in one process as what one process saved does."""
     init = head_only[0] if source == "dense" else official_checkpoint(tmp_path / "in", moe=True, sharded=True,
                                                                        mtp=False)
     common = ["--init", init, "--data", text, "--steps", 4, "--grad-accum", 2, "--mtp-depth", 2, *SMALL]
