@@ -524,8 +524,8 @@ def load_train_state(resume, model, optimizer, trained):
     process reads only its own shards, whatever the number of processes that saved them."""
     state = trained_state(model, optimizer, trained)          # the shapes and shards to read into
     sharded_checkpoint(dcp.load, state, os.path.join(resume, STATE))
-    # then into the model and AdamW (some of the optimizer's state dict is copies); strict=False: the
-    # frozen parameters are not in it
+    # then into the model and AdamW: not all of state is their live tensors (without this, a resumed run
+    # in one process logged other losses); strict=False: the frozen parameters are not in it
     set_state_dict(model, optimizer, model_state_dict=state["weights"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False))
 
