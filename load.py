@@ -307,12 +307,14 @@ def plan_reads(path, files, model):
     return plan, {name: len(got) for name, got in slices.items()}, tied_head
 
 
-def checkpoint_tensors(path, model, dtype=None, device="cpu"):
+def checkpoint_tensors(path, model, dtype=None, device="cpu", skip=()):
     """The weights of `model` (checkpoint_model(path)), read from the checkpoint's files one parameter at
-    a time: an iterator of (parameter name, tensor), cast to dtype (None: as stored), on device.
-    Everything is checked before this returns (plan_reads); while reading, only the parameter being
-    yielded, and a fused expert parameter whose per-expert slices are still arriving, are held here:
-    a process that keeps a shard of each parameter never holds the whole model."""
+    a time: an iterator of (parameter name, tensor), cast to dtype (None: as stored), on device; the
+    parameters named in `skip` are checked but neither read nor yielded (train.py's resumed runs take
+    their trained ones from the saved state). Everything is checked before this returns (plan_reads);
+    while reading, only the parameter being yielded, and a fused expert parameter whose per-expert
+    slices are still arriving, are held here: a process that keeps a shard of each parameter never
+    holds the whole model."""
     files = checkpoint_files(path)
     plan, slices, tied_head = plan_reads(path, files, model)
     shapes = {name: p.shape for name, p in model.named_parameters()}
@@ -329,6 +331,8 @@ def checkpoint_tensors(path, model, dtype=None, device="cpu"):
         for file in files:
             with open_safetensors(file, device) as f:
                 for key, name, part in plan[file]:
+                    if name in skip:
+                        continue
                     tensor = read(f, file, key)
                     if part is not None:
                         if name not in assembling:

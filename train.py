@@ -220,8 +220,10 @@ def add_mtp_head(model):
 
 def materialize(model, weights, device):
     """Give a model built on the meta device (sharded or not) memory on `device` (in its parameters'
-    dtype), and its weights from (name, full tensor) pairs, one at a time. A sharded parameter (FSDP2's
-    DTensor) keeps only its own shard of each tensor, so no process ever holds the whole model."""
+    dtype), and its weights from (name, full tensor) pairs, one at a time (a parameter without a pair
+    keeps what to_empty left: a resumed run's trained ones, until load_train_state). A sharded
+    parameter (FSDP2's DTensor) keeps only its own shard of each tensor, so no process ever holds the
+    whole model."""
     model.to_empty(device=device)
     model.tie_weights()                  # to_empty may have given a tied lm_head memory of its own
     params = dict(model.named_parameters())
@@ -615,6 +617,8 @@ def setup_run(args, world, device, log):
     data_key = dict(seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, tokens=len(train_ids),
                     crc32=zlib.crc32(train_ids.numpy().tobytes()))
     state = resume_state(args.resume, model, trained, data_key) if args.resume else None
+    if state is not None:       # its trained parameters come from the saved fp32 state: read only the rest
+        weights = checkpoint_tensors(source, model, skip=set(trained))
     return SimpleNamespace(source=source, model=model, weights=weights, device=device, trained=trained,
                            train_windows=train_windows, eval_windows=eval_windows, data_key=data_key, state=state)
 
