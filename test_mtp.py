@@ -1027,17 +1027,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs flash-linear-attention (fla)")
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
 def test_fla_chunked_rule_matches_plain(dtype, tol):
     """fla's fused chunked rule (fast.fla_chunked_rule) computes the same map as the plain chunked rule:
     outputs and final states, with an initial state, T not a multiple of 64, 4 value heads per key
-    head as Qwen3.5 repeats them. Tolerances: fla runs its matrix work in tf32 or bf16."""
+    head as Qwen3.5 repeats them, within tol of the largest value. fla's matrix products round their
+    inputs to tf32 (fp32 models) or bf16: the plain rule with its products and solves rounded that way
+    moves the outputs and states by 5e-4 (tf32) and 4.3e-3 (bf16) of their largest value."""
     from fast import fla_chunked_rule
     q, k, v, g, beta, state = (t.cuda() for t in delta_rule_inputs(2, 150, 4, 128, 128, seed=19))
     o_ref, s_ref = chunked_gated_delta_rule(q, k, v.to(dtype), g, beta, initial_state=state)
     o, s = fla_chunked_rule(q, k, v.to(dtype), g, beta, initial_state=state)
-    assert_close(o, o_ref, f"fla output {dtype}", tol=tol)
-    assert_close(s, s_ref, f"fla final state {dtype}", tol=tol)
+    assert_close(o, o_ref, f"fla output {dtype}", tol=tol * o_ref.abs().max().item())
+    assert_close(s, s_ref, f"fla final state {dtype}", tol=tol * s_ref.abs().max().item())
 
 
 @cuda
@@ -1099,8 +1101,13 @@ def test_compiled_layers_on_cuda_train_as_plain(moe):
         results.append((out.loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
     (loss, grads), (c_loss, c_grads) = results
     assert abs(c_loss - loss) <= 1e-5 * loss
+    # Each gradient within 1e-4 of its own largest value, plus 1e-6 of the model's largest gradient: the
+    # decay parameters' gradients (A_log, dt_bias) are sums over tokens that cancel down to 1e-8..1e-5,
+    # and rounding alone moves them by several 1e-9 (on the CPU: eager with chunk size 32 instead of 64,
+    # up to 7.4e-9; inductor, up to 5.0e-9, where the largest gradient is 0.075).
+    largest = max(grad.abs().max() for grad in grads.values())
     for name, grad in grads.items():
-        assert max_diff(c_grads[name], grad) <= 1e-4 * grad.abs().max() + 1e-9, name
+        assert max_diff(c_grads[name], grad) <= 1e-4 * grad.abs().max() + 1e-6 * largest, name
 
 
 def test_generate_rejects_bad_input():
