@@ -406,14 +406,14 @@ def speculative_demo(quick):
         prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
         source = "untrained tiny model (run `python train.py` first for the demo checkpoint)"
     print(f"  on the {source}")
-    n = 64 if quick else 256
+    n, runs = (16, 1) if quick else (256, 3)
     plain_ids, _ = generate(model, prompt, n)
-    plain_speed = n / median_time(lambda: generate(model, prompt, n), 3)
+    plain_speed = n / median_time(lambda: generate(model, prompt, n), runs)
     report("spec", "plain greedy", plain_speed, unit="tokens/s", better="higher")
     for k in (1, 2, 3):
         ids, stats = generate(model, prompt, n, draft_tokens=k)
         assert torch.equal(ids, plain_ids), f"k={k} changed the output"
-        speed = n / median_time(lambda: generate(model, prompt, n, draft_tokens=k), 3)
+        speed = n / median_time(lambda: generate(model, prompt, n, draft_tokens=k), runs)
         per_position = " ".join(f"{a / max(d, 1):.2f}" for a, d in zip(stats["accepted_at"], stats["drafted_at"]))
         report("spec", f"k={k} (acceptance by position {per_position})", speed, unit="tokens/s", better="higher")
         report("spec", "  speedup over plain, identical output", speed / plain_speed, unit="x", better="higher")
