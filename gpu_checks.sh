@@ -23,7 +23,9 @@ transformers.__version__, 'fla', 'importable' if u.find_spec('fla') else 'absent
 # Most telling first, each under a time limit so that one slow part cannot take the whole session:
 # fla's kernels against the plain ones (seconds), the benchmark (the compiled variant first), then
 # compiled decoding and compiled layers (training) against the same models uncompiled, on tiny models.
-timeout 75 python3 -m pytest -q -p no:cacheprovider test_mtp.py -k "fla" 2>&1 | tee "$out/gpu-tests-fla.txt"
+# The tests' time limits interrupt pytest (SIGINT), so a run cut short still names each test it finished
+# and prints the failures so far.
+timeout -s INT -k 5 75 python3 -m pytest -v --tb=short -p no:cacheprovider test_mtp.py -k "fla_" 2>&1 | tee "$out/gpu-tests-fla.txt"
 timeout 320 python3 bench.py --device cuda --time-limit 300 --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.txt"
 cp runs/bench/gpu-*.json "$out"/ 2>/dev/null     # each variant's figures, also when the table was cut short
-timeout 170 python3 -m pytest -q -p no:cacheprovider test_mtp.py -k "on_cuda" 2>&1 | tee "$out/gpu-tests-compiled.txt"
+timeout -s INT -k 5 170 python3 -m pytest -v --tb=short -p no:cacheprovider test_mtp.py -k "on_cuda" 2>&1 | tee "$out/gpu-tests-compiled.txt"
