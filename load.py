@@ -95,7 +95,8 @@ def config_from_hf(d: dict) -> Qwen35Config:
         raise ValueError(f"mrope_interleaved={rope['mrope_interleaved']!r} is not supported: every Qwen3.5 "
                          "checkpoint interleaves the time/height/width rotary frequencies")
     kwargs = {f.name: text[f.name] for f in fields(Qwen35Config) if f.name in text}
-    kwargs["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 1e7))
+    # every official file gives rope_theta (1e7); a file without it gets transformers' default, as there
+    kwargs["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 10000.0))
     kwargs["partial_rotary_factor"] = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     if isinstance(section := rope.get("mrope_section", [11, 11, 10]), list):
         section = tuple(section)

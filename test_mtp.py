@@ -20,6 +20,7 @@ shared oracles, checkpoint writers and cached cases are in conftest.py.
     python -m pytest -q -m "not subprocess"      # without the tests that start child processes
 """
 
+import copy
 import gc
 import importlib.util
 import json
@@ -34,7 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import Qwen3_5ForCausalLM
+from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
 import qwen35_mtp
 from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, MOE_CASE, REPO, T_LONG, TINY, TOL, agreeing_model,
@@ -538,6 +539,17 @@ def test_from_hf_flat_text_config():
     nested = REAL_CONFIGS["Qwen3.5-0.8B"]
     flat = {**nested["text_config"], "tie_word_embeddings": True}
     assert config_from_hf(flat) == config_from_hf(nested)
+
+
+@pytest.mark.parametrize("rope", [{}, dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5)),
+                                  dict(rope_theta=5e6)], ids=["none", "nested without theta", "flat theta"])
+def test_rope_fields_left_out_parse_as_transformers_does(rope):
+    """rope_theta and partial_rotary_factor missing from a config.json take transformers' values."""
+    text = {k: v for k, v in REAL_CONFIGS["Qwen3.5-0.8B"]["text_config"].items() if k != "rope_parameters"}
+    ours = config_from_hf(copy.deepcopy({**text, **rope}))     # transformers fills in the dict it is given
+    theirs = Qwen3_5TextConfig(**{k: v for k, v in copy.deepcopy({**text, **rope}).items()
+                                  if k != "model_type"}).rope_parameters
+    assert (ours.rope_theta, ours.partial_rotary_factor) == (theirs["rope_theta"], theirs["partial_rotary_factor"])
 
 
 @pytest.mark.parametrize("edit,message", [
