@@ -1015,6 +1015,13 @@ def cross_entropy_sum(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
+def mtp_mean(sums, counts):
+    """mtp_loss from the MTP depths' summed losses and target counts [D]: the mean over depths of each
+    depth's mean loss. A depth with no target (all its labels -100, as in a batch of short answers) is
+    left out: its 0/0 would be NaN and spread to every gradient. 0 if no depth has a target."""
+    return (sums / counts.clamp(min=1)).sum() / (counts > 0).sum().clamp(min=1)
+
+
 # Logits linear_cross_entropy holds at once: 2^27 fp32 numbers (512 MiB), 540 rows at Qwen3.5's
 # 248,320-token vocabulary, where B x T rows of logits per term would take gigabytes.
 CE_CHUNK_NUMBERS = 2 ** 27
@@ -1175,14 +1182,15 @@ class Qwen35(nn.Module):
 
     def set_losses(self, out, sums, targets):
         """Each term's loss is its mean over its targets. Depths whose rows all lie past the last label
-        (d >= T - 1) score nothing and are left out of mtp_loss."""
+        (d >= T - 1) score nothing and are not reported; mtp_loss also leaves out depths whose labels
+        happen to be all -100 in this batch (see mtp_mean), whose mtp_losses entry is NaN (0/0)."""
         counts = [(t != -100).sum() for t in targets]
         out.loss_sums, out.loss_counts = torch.stack(sums), torch.stack(counts)
         out.lm_loss = out.loss = sums[0] / counts[0]
-        T = out.hidden.shape[1]
-        out.mtp_losses = [s / n for d, (s, n) in enumerate(zip(sums, counts)) if 0 < d < T - 1]
-        if out.mtp_losses:
-            out.mtp_loss = torch.stack(out.mtp_losses).mean()
+        depths = min(len(sums) - 1, out.hidden.shape[1] - 2)       # d = 1 .. depths, each with rows
+        out.mtp_losses = [sums[d] / counts[d] for d in range(1, depths + 1)]
+        if depths > 0:
+            out.mtp_loss = mtp_mean(out.loss_sums[1:depths + 1], out.loss_counts[1:depths + 1])
             out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
 
     def mtp_hidden(self, embeds, hidden, valid, depth, positions=None):

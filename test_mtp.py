@@ -1324,6 +1324,26 @@ def test_mtp_depth_chains_the_head():
     assert torch.equal(out.mtp_logits, out.mtp_logits_per_depth[0])
 
 
+def test_a_depth_without_targets_is_left_out_of_the_loss():
+    """Labels real at positions 1 and 2 only (a short answer): depth 1 scores token 2, depth 2 nothing. Depth 2's
+    loss is 0/0 (NaN, reported as such), but mtp_loss is depth 1's alone, so loss and every gradient stay
+    finite; with no MTP target at all, loss is lm_loss."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(13))
+    labels = torch.full_like(ids, -100)
+    labels[0, 1:3] = ids[0, 1:3]
+    out = model(ids, labels=labels, mtp_depth=2)
+    assert out.loss_counts.tolist() == [2, 1, 0] and out.mtp_losses[1].isnan()
+    depth1 = F.cross_entropy(out.mtp_logits_per_depth[0][0, :1], ids[0, 2:3])
+    assert abs(out.mtp_loss.item() - depth1.item()) <= 1e-6
+    assert abs(out.loss.item() - (out.lm_loss + model.config.mtp_loss_weight * depth1).item()) <= 1e-6
+    out.loss.backward()
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+    labels[0, 2] = -100
+    out = model(ids, labels=labels, mtp_depth=2)
+    assert out.loss_counts.tolist() == [1, 0, 0] and out.loss.item() == out.lm_loss.item()
+
+
 def test_teacher_forced_acceptance():
     """acceptance_counts compares the depth-d head's argmax at row t with the main model's at row t+d:
     a head that agrees with the model (agreeing_model) scores 1 at every depth; a random one scores
