@@ -84,19 +84,24 @@ def test_tied_head_is_embedding(case):
 PAD_CASES = [DENSE_CASE, "moe-tied-causallm-sharded"]
 
 
+def left_padded_batch():
+    """Three rows left-padded by 0, 20 and 81 tokens (real lengths 150, 130, 69: all past one chunk):
+    pads, ids, attention mask and the position_ids transformers needs for them."""
+    pads = [0, 20, 81]
+    ids = torch.randint(0, TINY["vocab_size"], (len(pads), T_LONG), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    for r, p in enumerate(pads):
+        mask[r, :p] = 0
+        ids[r, :p] = 0
+    return pads, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @pytest.mark.parametrize("name", PAD_CASES)
 def test_left_padding_matches_oracle_and_unpadded(name, tmp_path_factory):
     """Left-padded batch: real positions equal the oracle (given mask + position_ids), and equal our own
     unpadded run of each row (logits and MTP logits)."""
     c = get_case(name, tmp_path_factory)
-    pads = [0, 20, 81]                              # real lengths 150, 130, 69: all past one chunk
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, TINY["vocab_size"], (len(pads), T_LONG), generator=g)
-    mask = torch.ones_like(ids)
-    for r, p in enumerate(pads):
-        mask[r, :p] = 0
-        ids[r, :p] = 0
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    pads, ids, mask, position_ids = left_padded_batch()
     with torch.no_grad():
         ref = c.hf(ids, attention_mask=mask, position_ids=position_ids).logits
         out = c.model(ids, attention_mask=mask)
@@ -204,6 +209,29 @@ def test_grads_match_oracle(name, tmp_path_factory):
         assert_close(p.grad, oracle[n].grad, f"{name} grad {n}", tol=GRAD_TOL)
     c.hf.zero_grad()
     c.mtp.zero_grad()
+
+
+@pytest.mark.parametrize("name", PAD_CASES)
+def test_left_padded_grads_match_oracle(name, tmp_path_factory):
+    """Training on a left-padded batch: the gradients of lm_loss w.r.t. every parameter equal the oracle's,
+    given the same mask and position_ids. Padding must stay out of the DeltaNet states and the attention
+    in backward too. Labels are -100 up to each row's first real token, which a padding row would
+    predict (what a padding row outputs is each implementation's own)."""
+    c = get_case(name, tmp_path_factory)
+    _, ids, mask, position_ids = left_padded_batch()
+    labels = ids.masked_fill(mask.cumsum(1) <= 1, -100)
+    model = load_checkpoint(c.path).requires_grad_(True)
+    extra = dict(output_router_logits=False) if c.spec["moe"] else {}
+    c.hf.zero_grad()
+    c.hf(ids, attention_mask=mask, position_ids=position_ids, labels=labels, **extra).loss.backward()
+    model(ids, labels=labels, attention_mask=mask, mtp=False).loss.backward()
+    oracle = dict(c.hf.named_parameters())
+    for n, p in model.named_parameters():
+        if n.startswith(("mtp.", "visual.")):
+            assert p.grad is None, n
+            continue
+        assert_close(p.grad, oracle[n].grad, f"{name} padded grad {n}", tol=GRAD_TOL)
+    c.hf.zero_grad()
 
 
 # ==============================================================================================
