@@ -391,6 +391,8 @@ BAD = [  # (arguments, beyond --init/--data/--out, message)
     (["--init", "{root}/no-tokenizer"], "has no tokenizer.json (only byte-level checkpoints, vocab 256, go without)"),
     (["--out", "{root}/taken"], "--out {root}/taken already holds files (another checkpoint?); --overwrite replaces it"),
     (["--resume", "{out}", "--init", None], "--resume {out}: the saved state does not match this model"),
+    (["--resume", "{out}"], "--init and --resume: a resumed run continues from the checkpoint saved in --resume"),
+    (["--eval-share", "0.7"], "--eval-share must be in (0, 0.5], not 0.7"),
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of processes (1) x --grad-accum (4)"),
     (["--size", "tiny"], "--size: the demo's options, not for --init/--resume"),
 ]

@@ -570,8 +570,8 @@ def check_settings(args, world):
                         f"--grad-accum ({args.grad_accum})")
     if not 1 <= args.mtp_depth <= args.seq_len - 2:
         problems.append(f"--mtp-depth must be in 1..seq_len - 2 = {args.seq_len - 2}")
-    if not 0 < args.eval_share < 1:
-        problems.append("--eval-share must be in (0, 1)")
+    if not 0 < args.eval_share <= 0.5:     # one document in round(1 / share) is held out: at least every 2nd
+        problems.append(f"--eval-share must be in (0, 0.5], not {args.eval_share}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -594,7 +594,7 @@ def setup_run(args, world, device, log):
     every = round(1 / args.eval_share)
     train_ids, held_ids = tokenize(documents, encode, eos, config.vocab_size, every)
     train_windows = pack_windows(train_ids, args.seq_len, "training")
-    held_windows = pack_windows(held_ids, args.seq_len, f"held-out (every {every}th document)")
+    held_windows = pack_windows(held_ids, args.seq_len, f"held-out (one document in {every})")
     n = min(args.eval_windows, len(held_windows)) // world * world
     if n == 0:
         raise ValueError(f"--data: {len(held_windows)} held-out windows, fewer than the {world} processes")
@@ -603,7 +603,7 @@ def setup_run(args, world, device, log):
             and not (args.resume and os.path.samefile(args.out, args.resume)):
         raise ValueError(f"--out {args.out} already holds files (another checkpoint?); --overwrite replaces it")
     log(f"data: {len(documents):,} documents, {len(train_ids):,} training tokens ({len(train_windows):,} windows "
-        f"of {args.seq_len}), {len(held_ids):,} held-out tokens (every {every}th document; {n} windows evaluated); "
+        f"of {args.seq_len}), {len(held_ids):,} held-out tokens (one document in {every}; {n} windows evaluated); "
         f"tokenizer {tokenizer}, end of text {eos}")
 
     torch.manual_seed(args.seed)            # a fresh MTP head starts the same in every process
@@ -790,7 +790,7 @@ def main(argv=None):
                         "layer's activations in backward: less memory, more time")
     parser.add_argument("--save-every", type=int, default=0, help="also save every N steps (for --resume)")
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
-    parser.add_argument("--eval-share", type=float, default=0.05, help="share of documents held out")
+    parser.add_argument("--eval-share", type=float, default=0.05, help="share of documents held out (at most 0.5)")
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows evaluated")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -800,6 +800,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     fail = lambda e: parser.exit(2, f"{parser.prog}: error: {e}\n")   # one line, no traceback
     checkpoint_mode = bool(args.init or args.resume)
+    if args.init and args.resume:
+        fail("--init and --resume: a resumed run continues from the checkpoint saved in --resume; give one")
     other_mode = DEMO_ONLY if checkpoint_mode else CHECKPOINT_ONLY
     if given := [f"--{name.replace('_', '-')}" for name in other_mode
                  if getattr(args, name) != parser.get_default(name)]:
