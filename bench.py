@@ -4,7 +4,7 @@ dtype, same threads. Prints each figure for both and the cost ratio ours/theirs:
 theirs (for a throughput, their figure over ours), so below 1.0 means we are faster. Medians of
 several runs.
 
-    python bench.py            # the full run (~8 min on 2 cores): 0.8B-shape random checkpoint
+    python bench.py            # the full run (~7 min on 2 cores): 0.8B-shape random checkpoint
     python bench.py --quick    # a smoke test on tiny shapes (seconds)
     python bench.py --sections coverage,spec08      # draft vocabularies only
     python bench.py --device cuda       # the GPU figures: ours, ours + fast.py, transformers with and without fla
@@ -404,7 +404,7 @@ def speculative_demo(quick):
     else:
         model = speed_up(Qwen35(demo_config("tiny")).eval())
         prompt = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
-        source = "untrained tiny model (run `python train.py` first for the demo checkpoint)"
+        source = "untrained tiny model" + ("" if quick else " (run `python train.py` first for the demo checkpoint)")
     print(f"  on the {source}")
     n, runs = (16, 1) if quick else (256, 3)
     plain_ids, _ = generate(model, prompt, n)

@@ -173,12 +173,26 @@ def model_name(key):
     return key
 
 
+def read_json(file):
+    """The JSON object in `file`; one that does not parse, or is not an object, is named in the error."""
+    try:
+        with open(file) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"{file}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
 def checkpoint_files(path):
     """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f'{index}: expected a "weight_map" object from tensor names to file names')
+        shards = sorted(set(weight_map.values()))
         files = [os.path.join(path, shard) for shard in shards]
         if missing := [f for f in files if not os.path.exists(f)]:
             raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
@@ -190,13 +204,15 @@ def checkpoint_files(path):
 
 
 def read_config(path):
+    if os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is a file: give the checkpoint directory (config.json and the "
+                                "safetensors files)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: a checkpoint directory needs its config.json")
-    with open(config_path) as f:
-        return config_from_hf(json.load(f))
+    return config_from_hf(read_json(config_path))
 
 
 def open_safetensors(file, device):
@@ -448,8 +464,7 @@ def updated_files(source, names):
 def write_mtp_shard(source, directory, tensors):
     """An added MTP head's tensors as one more shard of a sharded checkpoint, listed in its index."""
     save_file(tensors, os.path.join(directory, MTP_SHARD), metadata={"format": "pt"})
-    with open(os.path.join(source, INDEX)) as f:
-        index = json.load(f)
+    index = read_json(os.path.join(source, INDEX))
     index["weight_map"].update({key: MTP_SHARD for key in tensors})
     if "total_size" in index.get("metadata", {}):
         index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -492,8 +507,7 @@ def save_updated(source, directory, params):
         save_file(tensors, os.path.join(directory, os.path.basename(file)), metadata=metadata)
         shutil.copymode(file, os.path.join(directory, os.path.basename(file)))
     if added:
-        with open(os.path.join(source, "config.json")) as f:
-            config = json.load(f)
+        config = read_json(os.path.join(source, "config.json"))
         config.get("text_config", config)["mtp_num_hidden_layers"] = mtp_layer_count(added)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -513,10 +527,7 @@ def image_settings(path, vision):
     where it is absent. Qwen3.5 quirk: its `size` holds PIXEL COUNTS, under the names shortest_edge
     (256^2) and longest_edge (4096^2)."""
     file = os.path.join(path, "preprocessor_config.json")
-    settings = {}
-    if os.path.exists(file):
-        with open(file) as f:
-            settings = json.load(f)
+    settings = read_json(file) if os.path.exists(file) else {}
     for name, ours in [("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
                        ("merge_size", vision.spatial_merge_size)]:
         if settings.get(name, ours) != ours:
@@ -570,6 +581,8 @@ def read_images(files, settings):
                 x, grid = image_patches(image, **settings)
         except UnidentifiedImageError as e:
             raise ValueError(f"{file}: not an image file Pillow can read (videos are not supported)") from e
+        except OSError as e:         # a directory, a truncated file, ...
+            raise ValueError(f"{file}: cannot read this image: {e}") from e
         patches.append(x)
         grids.append(grid)
     return torch.cat(patches), torch.tensor(grids)
@@ -769,11 +782,10 @@ def read_draft_vocab(file, vocab_size):
     """The ids of a draft vocabulary file, as a tensor for generate(draft_vocab=...), checked against
     the model's vocabulary size."""
     try:
-        with open(file) as f:
-            doc = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        doc = read_json(file)
+    except OSError as e:
         raise ValueError(f"cannot read the draft vocabulary {file}: {e}") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("ids"), list):
+    if not isinstance(doc.get("ids"), list):
         raise ValueError(f"{file} is not a draft vocabulary: expected a JSON object with a list \"ids\"")
     if doc.get("vocab_size") != vocab_size:
         raise ValueError(f"{file} was built for a vocabulary of {doc.get('vocab_size')} ids; this model has "
@@ -794,6 +806,14 @@ def describe_draft_vocab(doc, file):
     lines += [f"  {t['file']}: {t['tokens']:,} tokens, {t['share']:.1%} of the mix, {t['covered']:.1%} of them in "
               "the draft vocabulary" for t in doc["texts"]]
     return "\n".join(lines)
+
+
+def check_device(device):
+    """A device torch can allocate on here, else one line naming it (not an error from deep in loading)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as e:   # what torch raises, by device
+        raise ValueError(f"--device {device} cannot be used here: {str(e).splitlines()[0]}") from e
 
 
 def main(argv=None):
@@ -830,8 +850,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, help="seed for sampling")
     args = parser.parse_args(argv)
     fail = lambda e: parser.exit(2, f"{parser.prog}: error: {e}\n")   # one line, no traceback
-    if args.max_new_tokens < 0:
-        fail(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+    for name in ("max_new_tokens", "draft_tokens"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, not {getattr(args, name)}")
+    if args.prompt is not None and (args.draft_vocab or args.draft_vocab_size) and not args.draft_tokens:
+        fail("--draft-vocab and --draft-vocab-size choose what drafts are drawn from: give --draft-tokens k > 0")
     if (args.build_draft_vocab is None) == bool(args.text) or args.weights and not args.text:
         fail("--build-draft-vocab N and --text FILE [FILE ...] (with optional --weights) go together")
 
@@ -846,6 +869,7 @@ def main(argv=None):
                 json.dump(doc, f)
             print(describe_draft_vocab(doc, file))
             return
+        check_device(args.device)
         config = read_config(args.checkpoint)                      # check the prompt before loading weights
         ids, decode = prompt_codec(args.checkpoint, args.prompt, config.vocab_size)
         images, before = {}, []

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
+import load
 import qwen35_mtp
 from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, MOE_CASE, REPO, T_LONG, TINY, TOL, agreeing_model,
                       all_tensors, assert_close, finish, get_case, max_diff, mtp_key, oracle_mtp_logits, run_cli,
@@ -1328,6 +1329,41 @@ def test_cli_errors(word_checkpoint, tmp_path):
         assert "Traceback" not in result.stderr and not result.stdout
         if "--prompt" in args:                                 # ours: exactly one line
             assert result.stderr.startswith("load.py: error: ") and result.stderr.count("\n") == 1
+
+
+def broken_copies(source, root):
+    """Copies of the checkpoint `source` with one thing wrong each, in root: {what is wrong: path}."""
+    made = {}
+    for name, file, content in [("config json", "config.json", "{"), ("config list", "config.json", "[]"),
+                                ("index", "model.safetensors.index.json", '{"metadata": {}}')]:
+        made[name] = shutil.copytree(source, root / name.replace(" ", "-"))
+        (made[name] / file).write_text(content)
+    made["file"] = os.path.join(source, "model.safetensors")
+    return made
+
+
+CLI_INPUT_ERRORS = [  # (checkpoint: the word checkpoint or a broken copy, arguments, message)
+    ("config json", ["--info"], "config.json: not valid JSON (Expecting property name"),
+    ("config list", ["--prompt", "the"], "config.json: expected a JSON object, found list"),
+    ("index", ["--info"], 'model.safetensors.index.json: expected a "weight_map" object'),
+    ("file", ["--prompt", "the"], "model.safetensors is a file: give the checkpoint directory"),
+    (None, ["--prompt", "the", "--device", "gpu"], "--device gpu cannot be used here: Expected one of cpu"),
+    (None, ["--prompt", "the", "--draft-tokens", "-1"], "--draft-tokens must be >= 0, not -1"),
+    (None, ["--prompt", "the", "--draft-vocab-size", "4"], "choose what drafts are drawn from: give --draft-tokens"),
+]
+
+
+@pytest.mark.parametrize("broken, args, message", CLI_INPUT_ERRORS, ids=["bad json", "not an object", "no weight_map",
+                                                                          "a file", "bad device", "negative drafts",
+                                                                          "draft vocabulary without drafts"])
+def test_cli_input_errors_name_the_problem(word_checkpoint, tmp_path, capsys, broken, args, message):
+    """Broken JSON files, a file given as the checkpoint, an unusable --device, options that contradict each
+    other: one line on stderr naming the file or option, exit status 2 (in-process: no traceback)."""
+    path = broken_copies(word_checkpoint.path, tmp_path)[broken] if broken else word_checkpoint.path
+    with pytest.raises(SystemExit) as exit:
+        load.main([str(path), *args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and ": error: " in err and message in err and err.count("\n") == 1, err
 
 
 # ==============================================================================================

@@ -390,8 +390,8 @@ def test_cli_with_an_image(dense_vl, tmp_path):
 
 
 def test_info_describes_the_tower_and_videos_are_refused(dense_vl, tmp_path):
-    """--info's description names the tower's sizes and parameters; a file Pillow cannot read (a video)
-    is refused by name (the command line prints such errors as one line, status 2)."""
+    """--info's description names the tower's sizes and parameters; a file Pillow cannot read (a video), or a
+    directory, is refused by name (the command line prints such errors as one line, status 2)."""
     tower = sum(p.numel() for p in dense_vl.model.visual.parameters())
     assert (f"vision tower: 2 blocks, width 32, 2 heads (head_dim 16), MLP 64, patch 16x16x2 frames, merge 2x2 "
             f"-> 64, {tower:,} ") in describe(dense_vl.path)
@@ -399,3 +399,5 @@ def test_info_describes_the_tower_and_videos_are_refused(dense_vl, tmp_path):
     settings = image_settings(dense_vl.path, dense_vl.model.config.vision)
     with pytest.raises(ValueError, match="clip.mp4: not an image file Pillow can read \\(videos are not supported\\)"):
         read_images([tmp_path / "clip.mp4"], settings)
+    with pytest.raises(ValueError, match=f"{tmp_path}: cannot read this image: "):     # a directory
+        read_images([tmp_path], settings)
