@@ -1308,18 +1308,12 @@ def test_prompt_needs_a_tokenizer_unless_byte_level(byte_checkpoint):
 
 
 @pytest.mark.subprocess
-def test_cli_errors(word_checkpoint, tmp_path):
-    """A wrong path, drafts without an MTP head, a prompt that cannot be encoded, a missing draft
-    vocabulary file: one line on stderr, exit status 2, no traceback. No task (--prompt, --info,
-    --build-draft-vocab): argparse's usage error, also status 2.
-    The runs go in parallel: each is mostly Python and torch starting up."""
-    save_checkpoint(Qwen35(demo_config("tiny", mtp_num_hidden_layers=0)), tmp_path / "no-mtp")
+def test_cli_errors(word_checkpoint):
+    """As a process: a prompt that cannot be encoded is one line on stderr, exit status 2, no traceback; no
+    task (--prompt, --info, --build-draft-vocab) is argparse's usage error, also status 2. The other bad
+    inputs are checked in-process below. The runs go in parallel: each is mostly Python and torch starting up."""
     cases = [
-        ([tmp_path / "no-such-checkpoint", "--prompt", "hi"], "checkpoint directory not found: "),
-        ([tmp_path / "no-mtp", "--prompt", "def", "--draft-tokens", 2], "draft_tokens > 0 needs an MTP head"),
         ([word_checkpoint.path, "--prompt", "the zebra"], "cannot encode the prompt 'the zebra'"),
-        ([word_checkpoint.path, "--prompt", "the", "--draft-vocab", tmp_path / "none.json", "--draft-tokens", 1],
-         "cannot read the draft vocabulary "),
         ([word_checkpoint.path], "one of the arguments --prompt --info --build-draft-vocab is required"),
     ]
     processes = [start_cli(*args) for args, _ in cases]
@@ -1331,35 +1325,41 @@ def test_cli_errors(word_checkpoint, tmp_path):
             assert result.stderr.startswith("load.py: error: ") and result.stderr.count("\n") == 1
 
 
-def broken_copies(source, root):
-    """Copies of the checkpoint `source` with one thing wrong each, in root: {what is wrong: path}."""
-    made = {}
+def broken_checkpoints(source, root):
+    """Checkpoints beside `source` with one thing wrong each, in root: {what is wrong: path}."""
+    made = {"missing": root / "no-such-checkpoint", "file": os.path.join(source, "model.safetensors")}
     for name, file, content in [("config json", "config.json", "{"), ("config list", "config.json", "[]"),
                                 ("index", "model.safetensors.index.json", '{"metadata": {}}')]:
         made[name] = shutil.copytree(source, root / name.replace(" ", "-"))
         (made[name] / file).write_text(content)
-    made["file"] = os.path.join(source, "model.safetensors")
+    made["no mtp"] = root / "no-mtp"
+    save_checkpoint(Qwen35(demo_config("tiny", mtp_num_hidden_layers=0)), made["no mtp"])
     return made
 
 
-CLI_INPUT_ERRORS = [  # (checkpoint: the word checkpoint or a broken copy, arguments, message)
+CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or one of broken_checkpoints; arguments; message)
+    ("missing", ["--prompt", "hi"], "checkpoint directory not found: "),
     ("config json", ["--info"], "config.json: not valid JSON (Expecting property name"),
     ("config list", ["--prompt", "the"], "config.json: expected a JSON object, found list"),
     ("index", ["--info"], 'model.safetensors.index.json: expected a "weight_map" object'),
     ("file", ["--prompt", "the"], "model.safetensors is a file: give the checkpoint directory"),
+    ("no mtp", ["--prompt", "def", "--draft-tokens", "2"], "draft_tokens > 0 needs an MTP head"),
     (None, ["--prompt", "the", "--device", "gpu"], "--device gpu cannot be used here: Expected one of cpu"),
     (None, ["--prompt", "the", "--draft-tokens", "-1"], "--draft-tokens must be >= 0, not -1"),
     (None, ["--prompt", "the", "--draft-vocab-size", "4"], "choose what drafts are drawn from: give --draft-tokens"),
+    (None, ["--prompt", "the", "--draft-vocab", "none.json", "--draft-tokens", "1"],
+     "cannot read the draft vocabulary none.json"),
 ]
 
 
-@pytest.mark.parametrize("broken, args, message", CLI_INPUT_ERRORS, ids=["bad json", "not an object", "no weight_map",
-                                                                          "a file", "bad device", "negative drafts",
-                                                                          "draft vocabulary without drafts"])
+@pytest.mark.parametrize("broken, args, message", CLI_INPUT_ERRORS, ids=[
+    "missing", "bad json", "not an object", "no weight_map", "a file", "drafts without a head", "bad device",
+    "negative drafts", "draft vocabulary without drafts", "missing draft vocabulary"])
 def test_cli_input_errors_name_the_problem(word_checkpoint, tmp_path, capsys, broken, args, message):
-    """Broken JSON files, a file given as the checkpoint, an unusable --device, options that contradict each
-    other: one line on stderr naming the file or option, exit status 2 (in-process: no traceback)."""
-    path = broken_copies(word_checkpoint.path, tmp_path)[broken] if broken else word_checkpoint.path
+    """Bad checkpoints (missing, broken JSON, a file given for the directory, no MTP head for drafts), an
+    unusable --device, options that contradict each other: one line on stderr naming the file or option,
+    exit status 2, no traceback (in-process, a traceback would be any other exception)."""
+    path = broken_checkpoints(word_checkpoint.path, tmp_path)[broken] if broken else word_checkpoint.path
     with pytest.raises(SystemExit) as exit:
         load.main([str(path), *args])
     err = capsys.readouterr().err
