@@ -1004,10 +1004,16 @@ class Qwen35Output:
     hidden_states: list = None            # embeddings, then every layer's output (before the norm)
 
 
-def loss_targets(labels, depths):
+def loss_targets(labels, depths, valid=None):
     """Targets of each term, [B, T-d] for d = 0 (the main model: row t scores token t+1) to `depths`
-    (MTP depth d: row t scores token t+d+1); the last rows have none (-100)."""
-    return [F.pad(labels[:, d + 1:], (0, 1), value=-100) for d in range(depths + 1)]
+    (MTP depth d: row t scores token t+d+1); the last rows have none (-100). With padding (valid [B, T]),
+    a row that reads a padding position (t, or t+d at depth d) scores nothing either: with left padding,
+    the last padding row would otherwise be scored on the first real token, from no context."""
+    T = labels.shape[1]
+    targets = [F.pad(labels[:, d + 1:], (0, 1), value=-100) for d in range(depths + 1)]
+    if valid is None:
+        return targets
+    return [t.masked_fill(~(valid[:, :T - d] & valid[:, d:]), -100) for d, t in enumerate(targets)]
 
 
 def cross_entropy_sum(logits, targets):
@@ -1148,7 +1154,7 @@ class Qwen35(nn.Module):
     def forward(self, input_ids, labels=None, attention_mask=None, mtp=True, mtp_depth=1,
                 output_hidden_states=False, pixel_values=None, image_grid_thw=None, logits=True):
         """input_ids [B, T]; labels [B, T] unshifted, -100 ignored; attention_mask [B, T] 1/0 (left
-        padding). mtp_depth D > 1 chains the head D times (depth d predicts token t+d+1), see mtp_hidden.
+        padding; rows that read padding score nothing, see loss_targets). mtp_depth D > 1 chains the head D times (depth d predicts token t+d+1), see mtp_hidden.
         Images: pixel_values [patches, C*tp*p*p] and image_grid_thw [images, 3] as Qwen's processor makes
         them, each image a run of t*h*w/m^2 image_token_id tokens in input_ids, in order.
         logits=False computes no full-vocabulary logits (out.logits and the MTP logits stay None): the
@@ -1169,11 +1175,12 @@ class Qwen35(nn.Module):
             if per_depth:
                 out.mtp_logits_per_depth, out.mtp_logits = per_depth, per_depth[0]
             if labels is not None:
-                targets = loss_targets(labels, len(heads) - 1)
+                targets = loss_targets(labels, len(heads) - 1, valid)
                 self.set_losses(out, [cross_entropy_sum(l, t) for l, t in zip([out.logits] + per_depth, targets)],
                                 targets)
         else:                             # chunk by chunk; without labels, the predictions only
-            targets = loss_targets(torch.full_like(input_ids, -100) if labels is None else labels, len(heads) - 1)
+            targets = loss_targets(torch.full_like(input_ids, -100) if labels is None else labels, len(heads) - 1,
+                                   valid)
             sums, out.predictions = map(list, zip(*[linear_cross_entropy(h, self.lm_head.weight, t)
                                                      for h, t in zip(heads, targets)]))
             if labels is not None:

@@ -213,11 +213,28 @@ def test_grads_match_oracle(name, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", PAD_CASES)
+def test_left_padded_losses_are_the_rows_own(name, tmp_path_factory):
+    """Labels -100 at padding only (as collators make them): each term's target count and mean loss over a
+    left-padded batch are those of its rows run unpadded, main model and MTP depths 1 and 2. No row that
+    reads padding is scored: the last padding row would be scored on the first real token, and at depth
+    d, d + 1 MTP rows would be."""
+    c = get_case(name, tmp_path_factory)
+    pads, ids, mask, _ = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out = c.model(ids, labels=labels, attention_mask=mask, mtp_depth=2)
+        alone = [c.model(ids[r:r + 1, p:], labels=labels[r:r + 1, p:], mtp_depth=2) for r, p in enumerate(pads)]
+    counts, sums = sum(a.loss_counts for a in alone), sum(a.loss_sums for a in alone)
+    assert torch.equal(out.loss_counts, counts)
+    assert_close(out.loss_sums / out.loss_counts, sums / counts, f"{name} padded losses vs each row's own")
+
+
+@pytest.mark.parametrize("name", PAD_CASES)
 def test_left_padded_grads_match_oracle(name, tmp_path_factory):
     """Training on a left-padded batch: the gradients of lm_loss w.r.t. every parameter equal the oracle's,
     given the same mask and position_ids. Padding must stay out of the DeltaNet states and the attention
-    in backward too. Labels are -100 up to each row's first real token, which a padding row would
-    predict (what a padding row outputs is each implementation's own)."""
+    in backward too. Labels are -100 up to each row's first real token: transformers scores that one from
+    the last padding row's output (each implementation's own), which ours leaves out."""
     c = get_case(name, tmp_path_factory)
     _, ids, mask, position_ids = left_padded_batch()
     labels = ids.masked_fill(mask.cumsum(1) <= 1, -100)
