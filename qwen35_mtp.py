@@ -1154,7 +1154,8 @@ class Qwen35(nn.Module):
     def forward(self, input_ids, labels=None, attention_mask=None, mtp=True, mtp_depth=1,
                 output_hidden_states=False, pixel_values=None, image_grid_thw=None, logits=True):
         """input_ids [B, T]; labels [B, T] unshifted, -100 ignored; attention_mask [B, T] 1/0 (left
-        padding; rows that read padding score nothing, see loss_targets). mtp_depth D > 1 chains the head D times (depth d predicts token t+d+1), see mtp_hidden.
+        padding; rows that read padding score nothing, see loss_targets). mtp_depth D > 1 chains the head
+        D times (depth d predicts token t+d+1), see mtp_hidden.
         Images: pixel_values [patches, C*tp*p*p] and image_grid_thw [images, 3] as Qwen's processor makes
         them, each image a run of t*h*w/m^2 image_token_id tokens in input_ids, in order.
         logits=False computes no full-vocabulary logits (out.logits and the MTP logits stay None): the
