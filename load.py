@@ -44,7 +44,7 @@ from dataclasses import fields, replace
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
@@ -522,17 +522,30 @@ def save_updated(source, directory, params):
 # Images -> pixel_values and image_grid_thw, as Qwen's image processor makes them
 # (transformers' Qwen2VLImageProcessor with Qwen3.5's preprocessor_config.json). Videos are not supported.
 
+# preprocessor_config.json switches that every Qwen3.5 checkpoint leaves at these values (resample 3: bicubic)
+FIXED_PREPROCESSING = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                           do_convert_rgb=True, resample=3)
+
+
 def image_settings(path, vision):
     """Resizing and normalisation from the checkpoint's preprocessor_config.json, Qwen3.5's values
     where it is absent. Qwen3.5 quirk: its `size` holds PIXEL COUNTS, under the names shortest_edge
-    (256^2) and longest_edge (4096^2)."""
+    (256^2) and longest_edge (4096^2); top-level min_pixels / max_pixels (older files, or set by hand to
+    bound an image's tokens) override them, as in transformers' processor."""
     file = os.path.join(path, "preprocessor_config.json")
     settings = read_json(file) if os.path.exists(file) else {}
     for name, ours in [("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
                        ("merge_size", vision.spatial_merge_size)]:
         if settings.get(name, ours) != ours:
             raise ValueError(f"{file}: {name}={settings[name]!r}, but the vision tower's is {ours}")
-    size = settings.get("size") or {}
+    for name, qwen in FIXED_PREPROCESSING.items():
+        if settings.get(name, qwen) != qwen:
+            raise ValueError(f"{file}: {name}={settings[name]!r} is not supported: every Qwen3.5 checkpoint "
+                             f"has {qwen!r}")
+    size = dict(settings.get("size") or {})
+    for key, override in [("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")]:
+        if settings.get(override) is not None:
+            size[key] = settings[override]
     return dict(patch=vision.patch_size, merge=vision.spatial_merge_size, frames=vision.temporal_patch_size,
                 min_pixels=size.get("shortest_edge", 256 * 256), max_pixels=size.get("longest_edge", 4096 * 4096),
                 mean=settings.get("image_mean", [0.5] * 3), std=settings.get("image_std", [0.5] * 3))
@@ -573,15 +586,17 @@ def image_patches(image, patch, merge, frames, min_pixels, max_pixels, mean, std
 
 
 def read_images(files, settings):
-    """Image files -> pixel_values [patches, 3*frames*patch*patch] and image_grid_thw [images, 3]."""
+    """Image files -> pixel_values [patches, 3*frames*patch*patch] and image_grid_thw [images, 3]. Each file
+    is read as transformers reads one for its processor (load_image): turned upright by its EXIF
+    orientation (a phone photo is stored sideways), then made RGB (an alpha channel is dropped)."""
     patches, grids = [], []
     for file in files:
         try:
             with Image.open(file) as image:
-                x, grid = image_patches(image, **settings)
+                x, grid = image_patches(ImageOps.exif_transpose(image).convert("RGB"), **settings)
         except UnidentifiedImageError as e:
             raise ValueError(f"{file}: not an image file Pillow can read (videos are not supported)") from e
-        except OSError as e:         # a directory, a truncated file, ...
+        except (OSError, Image.DecompressionBombError) as e:         # a directory, a truncated file, ...
             raise ValueError(f"{file}: cannot read this image: {e}") from e
         patches.append(x)
         grids.append(grid)

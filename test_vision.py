@@ -10,6 +10,7 @@ conftest.py, whose checkpoints carry a random vision tower (2 blocks, a 5 x 5 po
     5. images -> pixel_values, and the command line
 """
 
+import copy
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import Qwen3_5Config
+from transformers.image_utils import load_image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding, Qwen3_5VisionModel
 
@@ -368,6 +370,39 @@ def test_image_patches_match_transformers(dense_vl, tmp_path, images, max_pixels
     patches, grids = zip(*(image_patches(image, **settings) for image in images))
     assert torch.equal(torch.tensor(grids), expected["image_grid_thw"])
     assert torch.equal(torch.cat(patches), expected["pixel_values"])
+
+
+def test_image_files_read_as_transformers_reads_them(dense_vl, tmp_path):
+    """read_images on files equals transformers' processor on load_image(file) of the same files, bit for bit:
+    a JPEG stored sideways with EXIF orientation 6 (a phone photo) is turned upright, a PNG's alpha channel
+    is dropped, a palette PNG made RGB."""
+    exif = Image.Exif()
+    exif[0x0112] = 6                                        # orientation: rotate 90 degrees to display
+    noise(120, 60).save(tmp_path / "sideways.jpg", exif=exif)
+    noise(64, 48, "RGBA").save(tmp_path / "alpha.png")
+    noise(50, 70).convert("P").save(tmp_path / "palette.png")
+    files = [tmp_path / name for name in ("sideways.jpg", "alpha.png", "palette.png")]
+    expected = Qwen2VLImageProcessorPil(size={"shortest_edge": 256 ** 2, "longest_edge": 4096 ** 2},
+                                        **QWEN35_PROCESSOR)([load_image(str(f)) for f in files], return_tensors="pt")
+    pixel_values, grids = read_images(files, image_settings(str(tmp_path), dense_vl.model.config.vision))
+    assert grids[0].tolist() == [1, 24, 12]                 # upright: taller than wide
+    assert torch.equal(grids, expected["image_grid_thw"]) and torch.equal(pixel_values, expected["pixel_values"])
+
+
+def test_min_and_max_pixels_override_size_as_in_transformers(dense_vl, tmp_path):
+    """preprocessor_config.json's top-level min_pixels / max_pixels override its size, as in transformers'
+    processor; switches Qwen3.5 never changes (do_normalize, resample, ...) are refused by name."""
+    config = {"size": {"shortest_edge": 256 ** 2, "longest_edge": 4096 ** 2}, "min_pixels": 100_000,
+              "max_pixels": 150_000, **QWEN35_PROCESSOR}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    image = noise(640, 480)
+    expected = Qwen2VLImageProcessorPil(**copy.deepcopy(config))(image, return_tensors="pt")
+    patches, grid = image_patches(image, **image_settings(str(tmp_path), dense_vl.model.config.vision))
+    assert grid == (1, 20, 26) and torch.equal(torch.tensor([grid]), expected["image_grid_thw"])
+    assert torch.equal(patches, expected["pixel_values"])
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "do_normalize": False}))
+    with pytest.raises(ValueError, match="do_normalize=False is not supported: every Qwen3.5 checkpoint has True"):
+        image_settings(str(tmp_path), dense_vl.model.config.vision)
 
 
 @pytest.mark.subprocess
