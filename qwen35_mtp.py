@@ -1004,16 +1004,20 @@ class Qwen35Output:
     hidden_states: list = None            # embeddings, then every layer's output (before the norm)
 
 
+def real_rows(valid, d):
+    """[B, T-d]: which rows of depth d (0: the main model) read real tokens only, at t and at t+d."""
+    return valid[:, :valid.shape[1] - d] & valid[:, d:]
+
+
 def loss_targets(labels, depths, valid=None):
     """Targets of each term, [B, T-d] for d = 0 (the main model: row t scores token t+1) to `depths`
     (MTP depth d: row t scores token t+d+1); the last rows have none (-100). With padding (valid [B, T]),
-    a row that reads a padding position (t, or t+d at depth d) scores nothing either: with left padding,
-    the last padding row would otherwise be scored on the first real token, from no context."""
-    T = labels.shape[1]
+    a row that reads a padding position (see real_rows) scores nothing either: with left padding, the
+    last padding row would otherwise be scored on the first real token, from no context."""
     targets = [F.pad(labels[:, d + 1:], (0, 1), value=-100) for d in range(depths + 1)]
     if valid is None:
         return targets
-    return [t.masked_fill(~(valid[:, :T - d] & valid[:, d:]), -100) for d, t in enumerate(targets)]
+    return [t.masked_fill(~real_rows(valid, d), -100) for d, t in enumerate(targets)]
 
 
 def cross_entropy_sum(logits, targets):
@@ -1220,9 +1224,9 @@ class Qwen35(nn.Module):
         per_depth, h = [], hidden
         for d in range(1, min(depth, T - 1) + 1):
             n = T - d
-            row_valid = valid[:, :n] & valid[:, d:]
             rows = None if positions is None else positions[..., :n]
-            h = self.mtp(h[:, :n], embeds[:, d:], row_valid, layer=(d - 1) % len(self.mtp.layers), positions=rows)
+            h = self.mtp(h[:, :n], embeds[:, d:], real_rows(valid, d), layer=(d - 1) % len(self.mtp.layers),
+                         positions=rows)
             per_depth.append(h)
         return per_depth
 
