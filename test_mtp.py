@@ -1342,8 +1342,10 @@ def test_cli_errors(word_checkpoint):
             assert result.stderr.startswith("load.py: error: ") and result.stderr.count("\n") == 1
 
 
-def broken_checkpoints(source, root):
-    """Checkpoints beside `source` with one thing wrong each, in root: {what is wrong: path}."""
+@pytest.fixture(scope="module")
+def broken_checkpoints(word_checkpoint, tmp_path_factory):
+    """Checkpoints like the word checkpoint with one thing wrong each: {what is wrong: path}."""
+    source, root = word_checkpoint.path, tmp_path_factory.mktemp("broken")
     made = {"missing": root / "no-such-checkpoint", "file": os.path.join(source, "model.safetensors")}
     for name, file, content in [("config json", "config.json", "{"), ("config list", "config.json", "[]"),
                                 ("index", "model.safetensors.index.json", '{"metadata": {}}')]:
@@ -1354,7 +1356,7 @@ def broken_checkpoints(source, root):
     return made
 
 
-CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or one of broken_checkpoints; arguments; message)
+CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or a broken_checkpoints key; arguments; message)
     ("missing", ["--prompt", "hi"], "checkpoint directory not found: "),
     ("config json", ["--info"], "config.json: not valid JSON (Expecting property name"),
     ("config list", ["--prompt", "the"], "config.json: expected a JSON object, found list"),
@@ -1372,11 +1374,11 @@ CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or one of bro
 @pytest.mark.parametrize("broken, args, message", CLI_INPUT_ERRORS, ids=[
     "missing", "bad json", "not an object", "no weight_map", "a file", "drafts without a head", "bad device",
     "negative drafts", "draft vocabulary without drafts", "missing draft vocabulary"])
-def test_cli_input_errors_name_the_problem(word_checkpoint, tmp_path, capsys, broken, args, message):
+def test_cli_input_errors_name_the_problem(word_checkpoint, broken_checkpoints, capsys, broken, args, message):
     """Bad checkpoints (missing, broken JSON, a file given for the directory, no MTP head for drafts), an
     unusable --device, options that contradict each other: one line on stderr naming the file or option,
     exit status 2, no traceback (in-process, a traceback would be any other exception)."""
-    path = broken_checkpoints(word_checkpoint.path, tmp_path)[broken] if broken else word_checkpoint.path
+    path = broken_checkpoints[broken] if broken else word_checkpoint.path
     with pytest.raises(SystemExit) as exit:
         load.main([str(path), *args])
     err = capsys.readouterr().err
