@@ -755,7 +755,7 @@ def rank_tokens(counts, weights=None):
     for c, s in zip(counts, scale):
         for i, n in c.items():
             score[i] += s * n
-    return sorted(score, key=lambda i: (-score[i], i))
+    return sorted((i for i in score if score[i] > 0), key=lambda i: (-score[i], i))   # weight 0: left out
 
 
 def build_draft_vocab(path, size, files, weights=None):
@@ -879,9 +879,14 @@ def main(argv=None):
             return
         if args.build_draft_vocab is not None:
             file = args.draft_vocab or os.path.join(args.checkpoint, "draft_vocab.json")
+            if os.path.isdir(file):             # found before the counting, not after
+                raise ValueError(f"--draft-vocab {file} is a directory: give the file to write")
             doc = build_draft_vocab(args.checkpoint, args.build_draft_vocab, args.text, args.weights)
-            with open(file, "w") as f:
-                json.dump(doc, f)
+            try:
+                with open(file, "w") as f:
+                    json.dump(doc, f)
+            except OSError as e:
+                raise ValueError(f"cannot write the draft vocabulary {file}: {e}") from e
             print(describe_draft_vocab(doc, file))
             return
         check_device(args.device)

@@ -1368,12 +1368,15 @@ CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or a broken_c
     (None, ["--prompt", "the", "--draft-vocab-size", "4"], "choose what drafts are drawn from: give --draft-tokens"),
     (None, ["--prompt", "the", "--draft-vocab", "none.json", "--draft-tokens", "1"],
      "cannot read the draft vocabulary none.json"),
+    (None, ["--build-draft-vocab", "5", "--text", "none.txt", "--draft-vocab", "."],
+     "--draft-vocab . is a directory: give the file to write"),
 ]
 
 
 @pytest.mark.parametrize("broken, args, message", CLI_INPUT_ERRORS, ids=[
     "missing", "bad json", "not an object", "no weight_map", "a file", "drafts without a head", "bad device",
-    "negative drafts", "draft vocabulary without drafts", "missing draft vocabulary"])
+    "negative drafts", "draft vocabulary without drafts", "missing draft vocabulary",
+    "draft vocabulary to a directory"])
 def test_cli_input_errors_name_the_problem(word_checkpoint, broken_checkpoints, capsys, broken, args, message):
     """Bad checkpoints (missing, broken JSON, a file given for the directory, no MTP head for drafts), an
     unusable --device, options that contradict each other: one line on stderr naming the file or option,
