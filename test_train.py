@@ -239,7 +239,7 @@ def test_batches_depend_on_seed_and_step_only():
 
 def test_resumed_run_gives_the_same_losses(head_only, tmp_path, text, monkeypatch):
     """Stopped right after the save at step 3, then resumed with --resume: the same losses at steps 3-5 as
-    a run never stopped (bit for bit), and the same checkpoint."""
+    a run never stopped (bit for bit), and the same checkpoint (the directory given as "cut/")."""
     source = head_only[0]
     common = ["--data", text, "--steps", 6, "--save-every", 3, "--mtp-depth", 2, *SMALL]
     whole = run("--init", source, "--out", tmp_path / "whole", *common)
@@ -252,7 +252,7 @@ def test_resumed_run_gives_the_same_losses(head_only, tmp_path, text, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         run("--init", source, "--out", tmp_path / "cut", *common)
     monkeypatch.setattr(train, "save_run", save)
-    resumed = run("--resume", tmp_path / "cut", "--out", tmp_path / "cut", *common)
+    resumed = run("--resume", f"{tmp_path}/cut/", "--out", f"{tmp_path}/cut/", *common)    # as a shell completes
     losses = lambda rows: [(r["step"], r["lm_loss"], r["mtp_losses"]) for r in rows]
     assert losses(resumed["steps"]) == losses(whole["steps"])[3:] and len(resumed["steps"]) == 3
     a, b = all_tensors(tmp_path / "whole"), all_tensors(tmp_path / "cut")
@@ -395,6 +395,10 @@ BAD = [  # (arguments, beyond --init/--data/--out, message)
     (["--eval-share", "0.7"], "--eval-share must be in (0, 0.5], not 0.7"),
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of processes (1) x --grad-accum (4)"),
     (["--size", "tiny"], "--size: the demo's options, not for --init/--resume"),
+    (["--log-every", "0"], "--log-every must be > 0, not 0"),
+    (["--lr", "nan"], "--lr must be > 0, not nan"),
+    (["--seq-len", "2"], "--seq-len must be >= 3, not 2"),
+    (["--eval-windows", "0"], "--eval-windows must be at least the number of processes (1), not 0"),
 ]
 
 
@@ -416,3 +420,44 @@ def test_bad_input_is_one_line_and_exit_2(bad_inputs, head_only, text, tmp_path,
     assert exit.value.code == 2 and fill(message) in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "out")
     assert os.listdir(bad_inputs / "taken") == ["config.json"]
+
+
+def test_demo_settings_are_checked_before_training(capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--log-every", "0", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--log-every must be > 0, not 0" in err and err.count("\n") == 1, err
+
+
+def test_resume_keeps_the_saved_options_and_may_add_steps(head_only, text, tmp_path, capsys, monkeypatch):
+    """head_only saved its run at step 8 of 8 (--lr 1e-2, depth 1). Resumed with another --lr or depth,
+    or with no step left: refused, naming the options. With --steps 12: steps 8-11 run at the lr of a
+    12-step schedule, the first of them too (not at the saved 8-step schedule's last lr)."""
+    out, common = head_only[1], ["--data", text, "--freeze-backbone", *SMALL]
+    for extra, message in [(["--steps", 9, "--lr", 0.5, "--mtp-depth", 2],
+                            f"--resume {out}: saved by a run with --lr 0.01 (now 0.5), --mtp-depth 1 (now 2)"),
+                           (["--steps", 8], f"--steps 8: the run in {out} was saved at step 8; give more")]:
+        with pytest.raises(SystemExit) as exit:
+            run("--resume", out, "--out", tmp_path / "more", *common, *extra)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and message in err and err.count("\n") == 1, err
+    lrs, train_step = [], train.train_step
+    def recording(model, optimizer, *args, **kwargs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return train_step(model, optimizer, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording)
+    run("--resume", out, "--out", tmp_path / "more", *common, "--steps", 12)
+    optimizer, scheduler = train.make_optimizer(torch.nn.Linear(2, 2), 1e-2, 12)
+    planned = []
+    for _ in range(12):
+        planned.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == planned[8:]
+
+
+def test_data_files_are_read_once(text):
+    """A file named twice, or named and inside a directory named, is one document (it could otherwise
+    be held out and trained on)."""
+    files = train.data_files([text, os.path.join(text, "00.txt"), os.path.join(text, ".", "00.txt")])
+    assert files == train.data_files([text]) and len(files) == 13

@@ -108,7 +108,7 @@ def random_windows(data, batch_size, length, generator):
 
 
 def data_files(paths):
-    """The .txt and .jsonl files named, and those under the directories named (sorted)."""
+    """The .txt and .jsonl files named, and those under the directories named (sorted), each once."""
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -123,7 +123,11 @@ def data_files(paths):
             raise ValueError(f"--data {path}: expected a .txt or .jsonl file, or a directory of them")
         else:
             files.append(path)
-    return files
+    # a file named twice (also through a directory) would be two documents, one perhaps held out
+    first = {}
+    for file in files:
+        first.setdefault(os.path.realpath(file), file)
+    return list(first.values())
 
 
 def read_documents(files):
@@ -479,7 +483,7 @@ class WholeParameters(Mapping):
         return len(self.params)
 
 
-def save_run(model, optimizer, scheduler, step, source, out, trained, data_key, rank):
+def save_run(model, optimizer, scheduler, step, source, out, trained, run_key, rank):
     """--out: the checkpoint in source's layout with the trained parameters put in (load.save_updated),
     written by process 0 one file at a time, each file's parameters gathered as it needs them; and
     train_state/: the trained parameters' fp32 values and the optimizer's state, each process writing
@@ -497,13 +501,14 @@ def save_run(model, optimizer, scheduler, step, source, out, trained, data_key, 
         barrier()                # tmp exists: every process may write its shards into it
         sharded_checkpoint(dcp.save, trained_state(model, optimizer, trained), os.path.join(tmp, STATE))
         if rank == 0:
-            torch.save(dict(step=step, scheduler=scheduler.state_dict(), rng=rng, data=data_key),
+            torch.save(dict(step=step, scheduler=scheduler.state_dict(), rng=rng, data=run_key),
                        os.path.join(tmp, RUN))
 
 
-def resume_state(resume, model, trained, data_key):
+def resume_state(resume, model, trained, run_key, steps):
     """The saved run in `resume` (its run.pt), checked against this one from the shards' metadata: the
-    same parameters trained, the same data and batches. load_train_state reads the shards later."""
+    same parameters trained, the same data, batches and options (run_key; --steps may grow). load_train_state
+    reads the shards later."""
     path = os.path.join(resume, RUN)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume {resume}: no {RUN} in it (train.py writes one at each save)")
@@ -516,8 +521,16 @@ def resume_state(resume, model, trained, data_key):
         raise ValueError(f"--resume {resume}: the saved state does not match this model and --freeze-backbone: "
                          f"it trains {len(saved)} tensors, this run {len(wanted)}; differing: {differ[:3]}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if changed := {k: (state["data"].get(k), v) for k, v in data_key.items() if state["data"].get(k) != v}:
-        raise ValueError(f"--resume {resume}: saved by a run with other data or batches, (then, now): {changed}")
+    saved = state["data"]            # what an older save did not record is not compared
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in run_key.items()
+               if k in saved and saved[k] != v and k not in ("tokens", "crc32")]
+    if any(k in saved and saved[k] != run_key[k] for k in ("tokens", "crc32")):
+        changed.append(f"other training text ({saved['tokens']:,} tokens, now {run_key['tokens']:,})")
+    if changed:
+        raise ValueError(f"--resume {resume}: saved by a run with {', '.join(changed)}: a resumed run continues "
+                         "the saved one; give its options (only --steps may grow)")
+    if steps <= state["step"]:
+        raise ValueError(f"--steps {steps}: the run in {resume} was saved at step {state['step']}; give more")
     return state
 
 
@@ -563,12 +576,16 @@ def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=
 
 
 def check_settings(args, world):
-    problems = [f"--{name} must be > 0" for name in ("steps", "batch_size", "grad_accum", "lr", "eval_windows")
-                if getattr(args, name) <= 0]
+    problems = [f"--{name.replace('_', '-')} must be > 0, not {getattr(args, name)}"
+                for name in ("steps", "batch_size", "grad_accum", "lr", "log_every") if not getattr(args, name) > 0]
     if args.batch_size % (world * args.grad_accum):
         problems.append(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
                         f"--grad-accum ({args.grad_accum})")
-    if not 1 <= args.mtp_depth <= args.seq_len - 2:
+    if args.eval_windows < world:          # each process evaluates its own equal share
+        problems.append(f"--eval-windows must be at least the number of processes ({world}), not {args.eval_windows}")
+    if args.seq_len < 3:                   # a window of T tokens has T - 2 targets for the MTP head
+        problems.append(f"--seq-len must be >= 3, not {args.seq_len}")
+    elif not 1 <= args.mtp_depth <= args.seq_len - 2:
         problems.append(f"--mtp-depth must be in 1..seq_len - 2 = {args.seq_len - 2}")
     if not 0 < args.eval_share <= 0.5:     # one document in round(1 / share) is held out: at least every 2nd
         problems.append(f"--eval-share must be in (0, 0.5], not {args.eval_share}")
@@ -614,13 +631,16 @@ def setup_run(args, world, device, log):
         log(f"{source} has no MTP head (no mtp.* tensors): training a freshly initialised one")
     model.config.mtp_loss_weight = args.mtp_loss_weight
     trained = set_trainable(model, args.freeze_backbone)
-    data_key = dict(seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, tokens=len(train_ids),
-                    crc32=zlib.crc32(train_ids.numpy().tobytes()))
-    state = resume_state(args.resume, model, trained, data_key) if args.resume else None
+    # what a resumed run must share with the saved one: the options that shape its batches, its held-out
+    # split and its losses, and the training text (the number of processes and --grad-accum may change)
+    run_key = dict(seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, eval_share=args.eval_share,
+                   lr=args.lr, mtp_depth=args.mtp_depth, mtp_loss_weight=args.mtp_loss_weight,
+                   precision=args.precision, tokens=len(train_ids), crc32=zlib.crc32(train_ids.numpy().tobytes()))
+    state = resume_state(args.resume, model, trained, run_key, args.steps) if args.resume else None
     if state is not None:       # its trained parameters come from the saved fp32 state: read only the rest
         weights = checkpoint_tensors(source, model, skip=set(trained))
     return SimpleNamespace(source=source, model=model, weights=weights, device=device, trained=trained,
-                           train_windows=train_windows, eval_windows=eval_windows, data_key=data_key, state=state)
+                           train_windows=train_windows, eval_windows=eval_windows, run_key=run_key, state=state)
 
 
 def train_checkpoint(args, run, rank, world, log):
@@ -644,6 +664,9 @@ def train_checkpoint(args, run, rank, world, log):
     if run.state is not None:
         load_train_state(args.resume, model, optimizer, run.trained)   # fp32, not the checkpoint's rounding
         scheduler.load_state_dict(run.state["scheduler"])
+        # AdamW's saved lr is the saved run's schedule at this step: with more --steps, this run's takes over here
+        for group, base, schedule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * schedule(scheduler.last_epoch)
         torch.set_rng_state(run.state["rng"][rank % len(run.state["rng"])])
         start = run.state["step"]
         log(f"resumed from {args.resume} at step {start}")
@@ -668,7 +691,7 @@ def train_checkpoint(args, run, rank, world, log):
             history.append(log_step(log, step, args.steps, terms, (done - start) * ids.numel() / elapsed,
                                     elapsed / (done - start) * (args.steps - done)))
         if done == args.steps or args.save_every and done % args.save_every == 0:
-            save_run(model, optimizer, scheduler, done, run.source, args.out, run.trained, run.data_key, rank)
+            save_run(model, optimizer, scheduler, done, run.source, args.out, run.trained, run.run_key, rank)
             log(f"saved {args.out} at step {done}")
         if done == args.steps or args.eval_every and done % args.eval_every == 0:
             evaluation(done)
@@ -808,10 +831,16 @@ def main(argv=None):
         fail(f"{' '.join(given)}: " + ("the demo's options, not for --init/--resume" if checkpoint_mode
                                        else "for training a checkpoint: give --init"))
     if not checkpoint_mode:
+        try:
+            check_settings(args, world=1)    # the checkpoint-only ones are at their defaults here
+        except ValueError as e:
+            fail(e)
         args.out = args.out or "runs/demo"
         return demo(args)
     if not args.out:
         fail("--init/--resume need --out, the directory the trained checkpoint goes to")
+    # "out/" would put a save's temporary OUT.tmp inside OUT (replaced_atomically writes it beside)
+    args.out, args.resume = (path and os.path.normpath(path) for path in (args.out, args.resume))
     rank, world, device = init_distributed()
     log = print if rank == 0 else lambda *a, **k: None
     try:
