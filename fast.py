@@ -104,8 +104,10 @@ def fla_backward_works(device):
 
 def fla_chunked_rule(q, k, v, g, beta, initial_state=None):
     """chunked_gated_delta_rule through fla's fused Triton kernel (CUDA only): same arguments and
-    results. The matrix work runs in v's dtype (bf16 in bf16 models, as transformers runs it); q comes
-    already scaled, so the kernel's own scale is 1. Where fla cannot differentiate (fla_backward_works),
+    results, to the precision of its matrix products. Those run in v's dtype (bf16 in bf16 models, as
+    transformers runs it) and, in fp32 models, round their inputs to tf32: outputs and states move by
+    about 5e-4 of their largest value (test_fla_chunked_rule_matches_plain), so fp32 parity to 1e-5 is
+    the plain model's, without speed_up. q comes already scaled, so the kernel's own scale is 1. Where fla cannot differentiate (fla_backward_works),
     a step that needs gradients takes the plain rule."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
     if needs_grad and not fla_backward_works(q.device):
@@ -131,31 +133,48 @@ def fla_available():
     return torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
 
 
+class PooledBuffer:
+    """One buffer of a CachePool: its memory, and whether a live tensor uses it."""
+
+    def __init__(self, shape, dtype, device):
+        self.memory, self.taken = torch.empty(shape, dtype=dtype, device=device), False
+
+    def release(self):
+        self.taken = False
+
+
 class CachePool:
-    """Cache buffers handed on from a cache that is gone to the next one (qwen35_mtp.cache_buffer). A
+    """Cache buffers handed on from caches that are gone to the next ones (qwen35_mtp.cache_buffer). A
     CUDA graph keeps the addresses of the buffers a step writes: with the memory handed on, the next
     generate call replays the recorded graphs instead of recording them again. Each request takes the
     first free buffer of its shape, dtype and device, so caches built in the same order get the same
-    buffers in the same roles. A buffer is free again once the cache (or cache layer) that took it is
-    garbage collected: two live caches never share memory. (Compiling a new step leaves reference
-    cycles that keep the caches it traced alive until Python's cycle collector runs; the next generate
-    call then takes new memory, and its CUDA graphs are recorded once more.) Each buffer is marked as
-    a static input of the compiled steps: CUDA graph trees replay a graph that writes into its inputs
-    only when those are."""
+    buffers in the same roles. A request gets a tensor of its own over the buffer's memory, and the
+    buffer is free again once that tensor is garbage collected: once its cache is gone, or has
+    replaced it (a DeltaNet cache replaces its undo buffers for a step of another length). So two
+    live tensors never share memory, and a cache holds no more here than it would without the pool. A
+    request that finds no free buffer of its shape first drops the free buffers of every shape: the
+    pool keeps what live caches use and, between generate calls, what the last call used, not every
+    shape it ever handed out. (Compiling a new step leaves reference cycles that keep the caches it
+    traced alive until Python's cycle collector runs; the next generate call then takes new memory,
+    and its CUDA graphs are recorded once more.) Each tensor handed out is marked as a static input of
+    the compiled steps: CUDA graph trees replay a graph that writes into its inputs only when those are."""
 
     def __init__(self):
-        self.buffers, self.taken = defaultdict(list), defaultdict(set)     # per (shape, dtype, device)
+        self.buffers = defaultdict(list)          # (shape, dtype, device) -> [PooledBuffer], oldest first
 
-    def take(self, owner, shape, dtype, device):
+    def take(self, shape, dtype, device):
         key = (tuple(shape), dtype, torch.device(device))
-        buffers, taken = self.buffers[key], self.taken[key]
-        i = next((i for i in range(len(buffers)) if i not in taken), len(buffers))
-        if i == len(buffers):
-            buffers.append(torch.empty(shape, dtype=dtype, device=device))
-            torch._dynamo.mark_static_address(buffers[i])
-        taken.add(i)
-        weakref.finalize(owner, taken.discard, i)
-        return buffers[i].zero_()
+        buffer = next((b for b in self.buffers[key] if not b.taken), None)
+        if buffer is None:
+            for buffers in self.buffers.values():
+                buffers[:] = [b for b in buffers if b.taken]
+            buffer = PooledBuffer(shape, dtype, device)
+            self.buffers[key].append(buffer)
+        buffer.taken = True
+        handed = buffer.memory.detach().zero_()       # detach: another tensor over the same memory
+        torch._dynamo.mark_static_address(handed)
+        weakref.finalize(handed, buffer.release)
+        return handed
 
 
 def compile_decoding(model, **compile_options):
@@ -168,6 +187,9 @@ def compile_decoding(model, **compile_options):
     each step is a new graph-tree generation and its outputs are copied out, since the next replay
     overwrites them."""
     qwen35_mtp.cache_buffer = torch.compiler.disable(CachePool().take)   # only a first, eager step allocates
+    # a graph per step length and kind (1..RECURRENT_MAX_TOKENS tokens, rollback or not): with 8 drafts
+    # or more, torch's default limit of 8 graphs per function would leave the longer steps eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * RECURRENT_MAX_TOKENS + 8)
     gather_experts(model)
     Cache.begin_step = torch.compiler.disable(Cache.begin_step)
     graphs = compile_options.get("mode") == "reduce-overhead"
@@ -191,6 +213,7 @@ def with_plain_strides(x):
 
 
 def _compiled_for_short_steps(forward, tokens_argument, compile_options, graphs):
+    forward = getattr(forward, "plain", forward)        # compiled again: from the plain forward
     signature, compiled = inspect.signature(forward), torch.compile(forward, **compile_options)
 
     def dispatch(*args, **kwargs):
@@ -203,6 +226,7 @@ def _compiled_for_short_steps(forward, tokens_argument, compile_options, graphs)
             return compiled(**arguments)
         torch.compiler.cudagraph_mark_step_begin()
         return compiled(**arguments).clone()
+    dispatch.plain = forward
     return dispatch
 
 
@@ -227,12 +251,14 @@ def compile_long_steps(model, **compile_options):
 
 
 def _compiled_for_long_steps(forward, compile_options):
+    forward = getattr(forward, "plain", forward)        # compiled again: from the plain forward
     compiled = torch.compile(forward, dynamic=True, **compile_options)
 
     def dispatch(x, step, cache=None):
         if cache is not None and x.shape[1] <= RECURRENT_MAX_TOKENS:     # decoding: compile_decoding's part
             return forward(x, step, cache)
         return compiled(x, step, cache)
+    dispatch.plain = forward
     return dispatch
 
 

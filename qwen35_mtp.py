@@ -214,9 +214,9 @@ def apply_rotary(x, cos, sin):
 # ----------------------------------------------------------------------------------------------
 # 3. Gated full attention
 
-def cache_buffer(owner, shape, dtype, device):
-    """A zeroed tensor that the cache `owner` writes into in place. Every cache allocates here; fast.py
-    swaps in a pool that hands the memory on to later caches of the same shape."""
+def cache_buffer(shape, dtype, device):
+    """A zeroed tensor that a cache writes into in place. Every cache allocates here; fast.py swaps in
+    a pool that hands the memory on to later caches of the same shape."""
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
@@ -234,7 +234,7 @@ class KVCache:
         """k, v [B, kv_heads, T, head_dim] into slots [T]; returns the whole buffers."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k, self.v = (cache_buffer(self, (B, H, self.capacity, D), t.dtype, t.device) for t in (k, v))
+            self.k, self.v = (cache_buffer((B, H, self.capacity, D), t.dtype, t.device) for t in (k, v))
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
@@ -399,16 +399,16 @@ class DeltaNetCache:
             return
         B, K1, C = self.conv.shape
         like_conv, like_state = (self.conv.dtype, self.conv.device), (self.state.dtype, self.state.device)
-        self.undo = (cache_buffer(self, (B, K1 + T, C), *like_conv),
-                     cache_buffer(self, self.state.shape, *like_state),
-                     cache_buffer(self, (B, T, *self.state.shape[1:]), *like_state))
+        self.undo = (cache_buffer((B, K1 + T, C), *like_conv),
+                     cache_buffer(self.state.shape, *like_state),
+                     cache_buffer((B, T, *self.state.shape[1:]), *like_state))
 
     def update(self, conv_in, T, state, states=None):
         """conv_in [B, K-1+T, C]: the old window, then this step's T conv inputs; state: the final state;
         states [B, T, Hv, dk, dv]: the state after each token, given when the step may be rolled back."""
         if self.conv is None:                     # the first step: the buffers later steps write into
-            self.conv = cache_buffer(self, conv_in[:, T:].shape, conv_in.dtype, conv_in.device)
-            self.state = cache_buffer(self, state.shape, state.dtype, state.device)
+            self.conv = cache_buffer(conv_in[:, T:].shape, conv_in.dtype, conv_in.device)
+            self.state = cache_buffer(state.shape, state.dtype, state.device)
         self.undoable = states is not None
         if self.undoable:
             self.reserve_undo(T)
@@ -648,8 +648,8 @@ class Cache:
             raise ValueError(f"a cache for {self.capacity} tokens cannot take {T} more after {self.length}")
         self.first_step = self.length == 0
         if self.valid is None:
-            self.valid = cache_buffer(self, (B, self.capacity), torch.bool, device)
-            self.next_slot = cache_buffer(self, (1,), torch.long, device)
+            self.valid = cache_buffer((B, self.capacity), torch.bool, device)
+            self.next_slot = cache_buffer((1,), torch.long, device)
         if rollback and not self.first_step:
             for layer in self.layers:
                 layer.reserve_undo(T)

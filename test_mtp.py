@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -994,10 +995,11 @@ def test_fla_rule_takes_the_plain_rule_where_fla_cannot_differentiate(monkeypatc
 
 @pytest.fixture
 def compiled_globals():
-    """compile_decoding swaps module-level pieces (qwen35_mtp.cache_buffer, Cache.begin_step); put them back."""
-    saved = qwen35_mtp.cache_buffer, Cache.begin_step
+    """compile_decoding swaps module-level pieces (qwen35_mtp.cache_buffer, Cache.begin_step) and raises
+    torch's recompile limit; put them back."""
+    saved = qwen35_mtp.cache_buffer, Cache.begin_step, torch._dynamo.config.recompile_limit
     yield
-    qwen35_mtp.cache_buffer, Cache.begin_step = saved
+    qwen35_mtp.cache_buffer, Cache.begin_step, torch._dynamo.config.recompile_limit = saved
     torch._dynamo.reset()
 
 
@@ -1018,21 +1020,61 @@ def test_gathered_experts_match_experts():
         moe.experts.__class__ = Experts
 
 
-def test_cache_pool_hands_memory_on_only_from_dead_caches():
-    """fast.CachePool: a buffer goes to the next owner only once its owner is gone, zeroed, and marked
-    as a static input for torch.compile."""
+def test_cache_pool_hands_memory_on_only_from_dead_tensors():
+    """fast.CachePool: a buffer goes to the next request only once the tensor handed out over it is
+    gone (its cache gone, or the buffer replaced), zeroed, and marked as a static input for
+    torch.compile; a request that must allocate first drops the free buffers, the taken ones kept."""
     from fast import CachePool
     pool, like = CachePool(), (torch.float32, torch.device("cpu"))
-    owner1, owner2, owner3 = KVCache(4), KVCache(4), KVCache(4)
-    first = pool.take(owner1, (2, 3), *like).fill_(7)
-    assert pool.take(owner2, (2, 3), *like).data_ptr() != first.data_ptr()      # owner1 still alive
-    assert pool.take(owner1, (3, 2), *like).data_ptr() != first.data_ptr()      # another shape
-    assert pool.take(owner2, (2, 3), torch.int64, "cpu").dtype == torch.int64   # another dtype
+    first = pool.take((2, 3), *like).fill_(7)
+    second = pool.take((2, 3), *like)
+    assert second.data_ptr() != first.data_ptr() and pool.take((2, 3), torch.int64, "cpu").dtype == torch.int64
     address = first.data_ptr()
-    del owner1, first
-    again = pool.take(owner3, (2, 3), *like)
+    del first
+    again = pool.take((2, 3), *like)
     assert again.data_ptr() == address and not again.any()
     assert again._dynamo_static_input_type == "unguarded"
+    del second
+    other = pool.take((3, 2), *like)
+    assert [b.memory.data_ptr() for b in pool.buffers[(2, 3), *like]] == [address]   # again's, still taken
+    assert [b.memory.data_ptr() for b in pool.buffers[(3, 2), *like]] == [other.data_ptr()]
+    assert pool.buffers[(2, 3), torch.int64, torch.device("cpu")] == []
+
+
+def test_cache_pool_holds_no_more_than_the_caches(compiled_globals):
+    """Speculative decoding with 20 drafts reserves undo buffers for steps of several lengths, and
+    every prompt length makes caches of another capacity. Through a CachePool (as compile_decoding
+    installs it) the tokens are the same, the live cache memory peaks where it does without the pool,
+    and the pool holds no more than that peak after each call: every buffer a cache replaced or left
+    behind is handed on or let go."""
+    from fast import CachePool
+    model = tiny_model()
+    prompt = torch.randint(0, 128, (1, 41), generator=torch.Generator().manual_seed(23))
+    plain, live, peak = qwen35_mtp.cache_buffer, {}, [0]
+
+    def tracked(allocate):
+        def take(shape, dtype, device):
+            t = allocate(shape, dtype, device)
+            live[id(t)] = t.nbytes
+            weakref.finalize(t, live.pop, id(t))
+            peak[0] = max(peak[0], sum(live.values()))
+            return t
+        return take
+    runs = [(20, 40, 20)] + [(T, 12, 3) for T in (5, 23, 41)]       # (prompt length, new tokens, drafts)
+    expected, peaks = [], []
+    qwen35_mtp.cache_buffer = tracked(plain)
+    for T, n, k in runs:
+        peak[0] = 0
+        expected.append(generate(model, prompt[:, :T], n, draft_tokens=k)[0])
+        peaks.append(peak[0])
+    pool = CachePool()
+    qwen35_mtp.cache_buffer = tracked(pool.take)
+    for (T, n, k), tokens, plain_peak in zip(runs, expected, peaks):
+        peak[0] = 0
+        assert torch.equal(generate(model, prompt[:, :T], n, draft_tokens=k)[0], tokens)
+        gc.collect()
+        held = sum(b.memory.nbytes for buffers in pool.buffers.values() for b in buffers)
+        assert peak[0] == plain_peak and held <= plain_peak, (T, held, plain_peak)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
@@ -1043,7 +1085,8 @@ def test_compiled_steps_can_replay_as_cuda_graphs(one_thread, compiled_globals, 
     inductor requires before it replays a graph that mutates its inputs; a plain decoding step is one
     graph (the host's bookkeeping, Cache.begin_step, runs before it), MoE included; and the tokens equal
     eager decoding's. Later calls (the same capacity, other positions) compile no new graph, and a
-    second cache takes the same memory once the first is gone."""
+    second cache takes the same memory once the first is gone. compile_decoding is applied twice, as
+    when speed_up is called again: the second compiles the plain forward again."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._guards import TracingContext
     from fast import compile_decoding
@@ -1058,7 +1101,7 @@ def test_compiled_steps_can_replay_as_cuda_graphs(one_thread, compiled_globals, 
     plain, _ = generate(model, prompt, 10)
     spec, _ = generate(model, prompt, 10, draft_tokens=2)
     torch._dynamo.reset()
-    compile_decoding(model, backend=aot_autograd(fw_compiler=record))
+    compile_decoding(compile_decoding(model, backend="eager"), backend=aot_autograd(fw_compiler=record))
     assert torch.equal(generate(model, prompt, 10)[0], plain)
     assert len(graphs) == 1
     assert torch.equal(generate(model, prompt, 10, draft_tokens=2)[0], spec)
@@ -1076,8 +1119,24 @@ def test_compiled_steps_can_replay_as_cuda_graphs(one_thread, compiled_globals, 
         held = [cache.valid, cache.next_slot] + [v for layer in cache.layers for v in vars(layer).values()]
         addresses.append([t.data_ptr() for v in held for t in (v if isinstance(v, tuple) else [v])
                           if torch.is_tensor(t)])
-        del cache
+        del cache, held                  # the pool hands a buffer on once no tensor over it is left
     assert addresses[0] == addresses[1]
+
+
+def test_compiled_decoding_compiles_every_step_length(one_thread, compiled_globals):
+    """With 8 drafts a compiled function sees steps of 1 to 9 tokens, each its own graph: none may fall
+    back to eager at torch's default limit of 8 graphs per function (on a GPU: no CUDA graph). Tokens
+    as eager decoding's. (Two layers: tracing, the cost here, is per layer.)"""
+    from torch._dynamo.utils import counters
+    from fast import compile_decoding
+    model = tiny_model(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(24))
+    expected = generate(model, prompt, 24, draft_tokens=8)[0]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoding(model, backend="eager")
+    assert torch.equal(generate(model, prompt, 24, draft_tokens=8)[0], expected)
+    assert counters["frames"]["total"] == counters["frames"]["ok"] > 8, dict(counters["frames"])
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
