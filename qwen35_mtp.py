@@ -4,8 +4,8 @@ Qwen3.5 and its Multi-Token Prediction (MTP) head, in one file of plain PyTorch.
 Read top to bottom:
   1. Qwen35Config           every number the model needs
   2. norms, rotary          the (1+w) RMSNorm, the plain gated RMSNorm, 25% partial RoPE (1-D or 3-D)
-  3. gated attention        full softmax attention with a sigmoid output gate (every 4th layer)
-  4. Gated DeltaNet         linear attention: the gated delta rule, recurrent and chunked
+  3. gated attention        full softmax attention with a sigmoid output gate (every 4th layer), its KV cache
+  4. Gated DeltaNet         linear attention: the gated delta rule, recurrent and chunked; its cache
   5. MLP and MoE            dense SwiGLU, or top-k experts plus a gated shared expert
   6. decoder, model, MTP    pre-norm layers, caches, the backbone, the MTP head (predicts token t+2)
   7. vision                 the vision tower (`model.visual.*`), image features in the sequence, 3-D positions
@@ -13,9 +13,10 @@ Read top to bottom:
                             or the loss over chunks of rows without full-vocabulary logits
   9. generation             decoding, and lossless speculative decoding with MTP drafts
 
-Shapes: B batch, T tokens in this step, S tokens in the cache (past + this step), H hidden size,
-V vocabulary. Checkpoint names are mirrored by the module names, so `model.layers.3.self_attn.q_proj`
-here is `model.language_model.layers.3.self_attn.q_proj.weight` in an official checkpoint. Reading
+Shapes: B batch, T tokens in this step, S key slots attended (T without a cache or at a cache's
+first step, then the cache's capacity, the unused slots masked), H hidden size, V vocabulary.
+Checkpoint names are mirrored by the module names, so `model.layers.3.self_attn.q_proj.weight` here
+is `model.language_model.layers.3.self_attn.q_proj.weight` in an official checkpoint. Reading
 and writing checkpoints is load.py's job; training is train.py's.
 """
 
@@ -233,8 +234,8 @@ class KVCache:
     def write(self, k, v, slots):
         """k, v [B, kv_heads, T, head_dim] into slots [T]; returns the whole buffers."""
         if self.k is None:
-            B, H, _, D = k.shape
-            self.k, self.v = (cache_buffer((B, H, self.capacity, D), t.dtype, t.device) for t in (k, v))
+            B, kv_heads, _, D = k.shape
+            self.k, self.v = (cache_buffer((B, kv_heads, self.capacity, D), t.dtype, t.device) for t in (k, v))
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
@@ -261,6 +262,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
     def forward(self, x, step, cache=None):
+        """x [B, T, H]; step: the Step (section 6) every layer of this forward shares: rotary cos/sin,
+        mask, cache slots; cache: this layer's KVCache, or None."""
         B, T, _ = x.shape
         # Qwen3.5 quirk: q_proj rows are [q_head0 | gate_head0 | q_head1 | ...]: split per head
         q, gate = self.q_proj(x).view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
@@ -268,7 +271,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         q = apply_rotary(self.q_norm(q), step.cos, step.sin)
         k = apply_rotary(self.k_norm(k), step.cos, step.sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # [B, heads, T, head_dim]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # [B, heads or kv_heads, T, head_dim]
         if cache is not None:
             cached = cache.write(k, v, step.slots)            # [B, kv_heads, capacity, head_dim] each
             if step.over_cache:                               # not the first step: attend over the cache
@@ -291,13 +294,13 @@ class Attention(nn.Module):
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, states_out=None):
     """The gated delta rule, one token at a time.
-    q, k [B, T, H, dk] (l2-normalised, q already scaled), v [B, T, H, dv], g, beta [B, T, H],
-    initial_state [B, H, dk, dv] or None. Returns o [B, T, H, dv] and the state after every token
-    [B, T, H, dk, dv] (the last one is the final state), both fp32; the states written into
-    states_out if given (a cache's buffer)."""
+    q, k [B, T, Hv, dk] (l2-normalised, q already scaled), v [B, T, Hv, dv], g, beta [B, T, Hv],
+    initial_state [B, Hv, dk, dv] or None (Hv: value heads, the key heads already repeated to match).
+    Returns o [B, T, Hv, dv] and the state after every token [B, T, Hv, dk, dv] (the last one is the
+    final state), both fp32; the states written into states_out if given (a cache's buffer)."""
     q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
-    B, T, H, dk = k.shape
-    S = q.new_zeros(B, H, dk, v.shape[-1]) if initial_state is None else initial_state.float()
+    B, T, Hv, dk = k.shape
+    S = q.new_zeros(B, Hv, dk, v.shape[-1]) if initial_state is None else initial_state.float()
     outputs, states = [], []
     for t in range(T):
         S = S * g[:, t].exp()[..., None, None]
@@ -311,27 +314,30 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, states_out=
 
 def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size=64):
     """The same map as `recurrent_gated_delta_rule`, chunk by chunk (same arguments; returns o and the
-    final state [B, H, dk, dv] only).
+    final state [B, Hv, dk, dv] only).
 
     Inside a chunk, with G_i = g_1 + ... + g_i (log decay since the chunk start) and S_0 the state
     entering it, unrolling the recurrence gives for the written deltas u_i (rows of U):
         u_i + sum_{j<i} beta_i e^(G_i-G_j) (k_i.k_j) u_j = beta_i (v_i - e^(G_i) S_0^T k_i)
-    a unit lower-triangular system (I + A) U = ..., solved once per chunk. Then
+    a unit lower-triangular system (I + A) U = ... Its right-hand side is linear in S_0, so
+    U = X - Y S_0 with (I + A) X = beta V and (I + A) Y = beta e^G K: both are solved for every chunk
+    at once, before any S_0 is known (U_from_v, U_from_S below). Then
         o_i   = e^(G_i) S_0^T q_i + sum_{j<=i} e^(G_i-G_j) (q_i.k_j) u_j
         S_end = e^(G_C) S_0 + sum_j e^(G_C-G_j) k_j u_j^T
-    Only the last line runs sequentially across chunks."""
+    Only what needs S_0 (U, o, S_end: a few matrix products) runs chunk after chunk, since a chunk's
+    S_0 is the previous chunk's S_end."""
     # heads first, contiguous: strided inputs send solve_triangular down a path ~30x slower
     q, k, v, g, beta = (t.float().transpose(1, 2).contiguous() for t in (q, k, v, g, beta))
-    B, H, T, dk = k.shape
+    B, Hv, T, dk = k.shape
     dv = v.shape[-1]
     pad = -T % chunk_size                    # zero padding: beta = 0 and g = 0 leave S untouched
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
     n, C = (T + pad) // chunk_size, chunk_size
-    q, k, v = (t.reshape(B, H, n, C, -1) for t in (q, k, v))        # [B, H, n, C, d]
-    g, beta = g.reshape(B, H, n, C), beta.reshape(B, H, n, C)
-    G = g.cumsum(-1)                                                   # [B, H, n, C]
+    q, k, v = (t.reshape(B, Hv, n, C, -1) for t in (q, k, v))        # [B, Hv, n, C, d]
+    g, beta = g.reshape(B, Hv, n, C), beta.reshape(B, Hv, n, C)
+    G = g.cumsum(-1)                                                   # [B, Hv, n, C]
     # decay[i, j] = e^(G_i - G_j) for j <= i, 0 above the diagonal (masked before exp: no overflow)
     upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
     decay = (G[..., :, None] - G[..., None, :]).masked_fill(upper, float("-inf")).exp()
@@ -341,17 +347,17 @@ def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size=64
     U_from_v = torch.linalg.solve_triangular(system, beta[..., None] * v, upper=False, unitriangular=True)
     U_from_S = torch.linalg.solve_triangular(system, (beta * G.exp())[..., None] * k, upper=False,
                                              unitriangular=True)     # U = U_from_v - U_from_S @ S_0
-    attn = (q @ k.transpose(-1, -2)) * decay                          # [B, H, n, C, C], j <= i
+    attn = (q @ k.transpose(-1, -2)) * decay                          # [B, Hv, n, C, C], j <= i
     q_decayed = q * G.exp()[..., None]
     k_to_end = k * (G[..., -1:] - G).exp()[..., None]
 
-    S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
+    S = q.new_zeros(B, Hv, dk, dv) if initial_state is None else initial_state.float()
     outputs = []
     for c in range(n):
         U = U_from_v[:, :, c] - U_from_S[:, :, c] @ S
         outputs.append(q_decayed[:, :, c] @ S + attn[:, :, c] @ U)
         S = S * G[:, :, c, -1].exp()[..., None, None] + k_to_end[:, :, c].transpose(-1, -2) @ U
-    o = torch.stack(outputs, dim=2).reshape(B, H, n * C, dv)[:, :, :T]
+    o = torch.stack(outputs, dim=2).reshape(B, Hv, n * C, dv)[:, :, :T]
     return o.transpose(1, 2), S
 
 
@@ -426,6 +432,7 @@ class DeltaNetCache:
             raise RuntimeError("a Gated DeltaNet cache can only roll back a step fed with rollback=True")
         conv_in, before, states = self.undo
         keep = states.shape[1] - n
+        # conv_in is the old K-1 window, then the step's T inputs: the K-1 ending with the keep-th token
         self.conv.copy_(conv_in[:, keep:keep + self.conv.shape[1]])
         self.state.copy_(before if keep == 0 else states[:, keep - 1])
         self.undoable = False
@@ -457,7 +464,9 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x, step, cache=None):
         B, T, _ = x.shape
         if step.pad_mask is not None:
-            x = x * step.pad_mask          # zero padding tokens so they never enter the state
+            # zero padding tokens: k = v = 0 write nothing, and the conv sees zeros as at the start (they
+            # still decay the state, which left padding meets while it is still zero)
+            x = x * step.pad_mask
         # depthwise causal conv over time: prepend the last K-1 inputs (zeros at the start)
         qkv = self.in_proj_qkv(x)                                            # [B, T, C]
         window = cache.conv if cache is not None and cache.conv is not None else \
@@ -1172,22 +1181,22 @@ class Qwen35(nn.Module):
         hidden_states = [] if output_hidden_states else None
         hidden = self.model(input_ids, valid, hidden_states=hidden_states, embeds=embeds, positions=positions)
         out = Qwen35Output(hidden=hidden, hidden_states=hidden_states)
-        heads = [hidden]                  # the terms: the main model, then each MTP depth
+        terms = [hidden]                  # the hidden states to score: the main model's, then each MTP depth's
         if mtp and self.mtp is not None and T > 1:
-            heads += self.mtp_hidden(embeds, hidden, valid, mtp_depth, positions)
+            terms += self.mtp_hidden(embeds, hidden, valid, mtp_depth, positions)
         if logits:
-            out.logits, *per_depth = [self.lm_head(h) for h in heads]
+            out.logits, *per_depth = [self.lm_head(h) for h in terms]
             if per_depth:
                 out.mtp_logits_per_depth, out.mtp_logits = per_depth, per_depth[0]
             if labels is not None:
-                targets = loss_targets(labels, len(heads) - 1, valid)
+                targets = loss_targets(labels, len(terms) - 1, valid)
                 self.set_losses(out, [cross_entropy_sum(l, t) for l, t in zip([out.logits] + per_depth, targets)],
                                 targets)
         else:                             # chunk by chunk; without labels, the predictions only
-            targets = loss_targets(torch.full_like(input_ids, -100) if labels is None else labels, len(heads) - 1,
+            targets = loss_targets(torch.full_like(input_ids, -100) if labels is None else labels, len(terms) - 1,
                                    valid)
             sums, out.predictions = map(list, zip(*[linear_cross_entropy(h, self.lm_head.weight, t)
-                                                     for h, t in zip(heads, targets)]))
+                                                     for h, t in zip(terms, targets)]))
             if labels is not None:
                 self.set_losses(out, sums, targets)
         return out
@@ -1199,7 +1208,7 @@ class Qwen35(nn.Module):
         counts = [(t != -100).sum() for t in targets]
         out.loss_sums, out.loss_counts = torch.stack(sums), torch.stack(counts)
         out.lm_loss = out.loss = sums[0] / counts[0]
-        depths = min(len(sums) - 1, out.hidden.shape[1] - 2)       # d = 1 .. depths, each with rows
+        depths = min(len(sums) - 1, out.hidden.shape[1] - 2)       # d = 1 .. depths: those that may have targets
         out.mtp_losses = [sums[d] / counts[d] for d in range(1, depths + 1)]
         if depths > 0:
             out.mtp_loss = mtp_mean(out.loss_sums[1:depths + 1], out.loss_counts[1:depths + 1])
@@ -1208,10 +1217,10 @@ class Qwen35(nn.Module):
     def mtp_hidden(self, embeds, hidden, valid, depth, positions=None):
         """Depth d (1..D): row t fuses h_t^(d-1) (h^(0) = main hidden state, then the head's own
         post-norm output) with the input embedding of token t+d (embeds: the main model's). Each depth
-        attends causally over its own rows, reusing layer (d-1) % mtp_num_hidden_layers (the Megatron /
-        DeepSeek-V3 training form). Drafting chains the same way but attends over depth-1 rows of the
-        context (see `draft`). Returns the head's output per depth, [B, T-d, H]: lm_head turns it into
-        logits.
+        attends causally over its own rows (the Megatron / DeepSeek-V3 training form); with fewer layers
+        than depths, layer (d-1) % mtp_num_hidden_layers serves depth d, as vLLM drafts. Drafting
+        chains the same way but attends over depth-1 rows of the context (see `draft`). Returns the
+        head's output per depth, [B, T-d, H]: lm_head turns it into logits.
 
         With images, row t reads what the main model read at t+1, the image feature at an image token,
         and sits at the main model's 3-D position of t (positions [3, B, T]), as the engines that serve
@@ -1224,9 +1233,9 @@ class Qwen35(nn.Module):
         per_depth, h = [], hidden
         for d in range(1, min(depth, T - 1) + 1):
             n = T - d
-            rows = None if positions is None else positions[..., :n]
+            row_positions = None if positions is None else positions[..., :n]
             h = self.mtp(h[:, :n], embeds[:, d:], real_rows(valid, d), layer=(d - 1) % len(self.mtp.layers),
-                         positions=rows)
+                         positions=row_positions)
             per_depth.append(h)
         return per_depth
 
@@ -1279,7 +1288,7 @@ def verify_drafts(drafts, draft_probs, logits, sampling):
         if torch.rand(1, generator=sampling.generator, device=q.device) * q[d] < p[i, d]:
             continue
         residual = (p[i] - q).clamp(min=0)
-        residual = residual if residual.sum() > 0 else p[i]
+        residual = residual if residual.sum() > 0 else p[i]      # all 0 only if p == q, up to rounding
         return i, torch.multinomial(residual / residual.sum(), 1, generator=sampling.generator)
     return len(drafts), torch.multinomial(p[-1], 1, generator=sampling.generator)
 
@@ -1354,8 +1363,9 @@ def speculative_decode(model, input_ids, embeds, positions, valid, max_new_token
     The MTP head's cache holds one row (h_t, x_{t+1}) for each position t whose next token is final;
     rows whose inputs are known but not yet fed wait as `pending`. One round, with x_{t+1} the last
     token kept so far:
-        before     MTP cache: rows 1 .. t-1            pending: (h_t, x_{t+1})
-        draft      feed (h_t, x_{t+1}) -> d_1; then (o_1, d_1) -> d_2, (o_2, d_2) -> d_3, ...
+        before     MTP cache: rows 1 .. t-j            pending: rows t-j+1 .. t, the last (h_t, x_{t+1})
+                   (j: the last round's a+1; in the first round the pending rows are the prompt's)
+        draft      feed the pending rows; the last one's output o_1 -> d_1; then (o_1, d_1) -> d_2, ...
                    (o_i: the head's own output; these chained rows are dropped again)
         verify     backbone on [x_{t+1}, d_1 .. d_n] -> h_{t+1} .. h_{t+n+1}; a drafts accepted,
                    then y, the main model's own token after them
@@ -1374,6 +1384,7 @@ def speculative_decode(model, input_ids, embeds, positions, valid, max_new_token
     # with images, the rows read the image features and the prompt's 3-D positions (see Qwen35.mtp_hidden),
     # and the head's cache continues those positions as the backbone's does.
     pending_hidden, pending_next = hidden, torch.cat([embeds[:, 1:], embed(token[:, None])], dim=1)
+    # row t is real when x_t and x_{t+1} are (real_rows(valid, 1)); the last row's x_{t+1} is the token just picked
     pending_valid = None if valid is None else valid & torch.cat([valid[:, 1:], valid[:, -1:]], dim=1)
     pending_positions = positions
     produced = 1
@@ -1461,6 +1472,8 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, ge
     temperature 0 is greedy. draft_tokens = k > 0 drafts k tokens per step with the MTP head and
     verifies them in one main-model forward of k+1 tokens: the output is exactly that of plain
     decoding (greedy), or has exactly its distribution (sampling).
+    eos_token_id (an id or a list of ids): a row stops at it and repeats it while others go on; None
+    (the default; config.eos_token_id is not read here): never stop early.
     stream, if given, is called with each batch of final new tokens [B, n] as they come.
     A draft vocabulary makes each draft read N rows of lm_head instead of all V: draft_vocab = ids
     (a 1-D tensor of distinct token ids, e.g. the N most frequent in the text to be generated) drafts
