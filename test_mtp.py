@@ -231,6 +231,26 @@ def test_left_padded_losses_are_the_rows_own(name, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", PAD_CASES)
+def test_right_padded_rows_are_the_rows_own(name, tmp_path_factory):
+    """Right padding (real tokens first, as some collators make batches): real positions' logits and the
+    MTP logits of rows that read real tokens only equal each row's unpadded run; with labels = ids (the
+    padding's ids scored too), main row t is scored when it is real, and MTP row t at depth d when
+    t + d is real (it reads tokens t+1 .. t+d): a hand count, per depth."""
+    c = get_case(name, tmp_path_factory)
+    pads, ids, mask, _ = left_padded_batch()
+    ids, mask = (torch.stack([row.roll(-p) for row, p in zip(t, pads)]) for t in (ids, mask))
+    T, lengths = ids.shape[1], [T_LONG - p for p in pads]
+    with torch.no_grad():
+        out = c.model(ids, labels=ids, attention_mask=mask, mtp_depth=2)
+        for r, L in enumerate(lengths):
+            alone = c.model(ids[r:r + 1, :L])
+            assert_close(out.logits[r, :L], alone.logits[0], f"{name} row {r} right-padded vs unpadded")
+            assert_close(out.mtp_logits[r, :L - 1], alone.mtp_logits[0], f"{name} row {r} MTP right-padded")
+    expected = [sum(min(L - d, T - 1 - d) for L in lengths) for d in range(3)]
+    assert out.loss_counts.tolist() == expected
+
+
+@pytest.mark.parametrize("name", PAD_CASES)
 def test_left_padded_grads_match_oracle(name, tmp_path_factory):
     """Training on a left-padded batch: the gradients of lm_loss w.r.t. every parameter equal the oracle's,
     given the same mask and position_ids. Padding must stay out of the DeltaNet states and the attention
@@ -834,9 +854,11 @@ def chi2_statistic(counts, probs):
 
 @pytest.mark.parametrize("draft_vocab", [6, 4], ids=["full", "draft-vocab-4"])
 def test_verify_drafts_sampling_rule_preserves_target(draft_vocab, one_thread):
-    """The acceptance rule alone: with drafts drawn from q, the first emitted token follows p exactly
-    (chi-square goodness of fit, false-alarm rate 1e-3), though q differs from p a lot, also when q
-    is confined to a draft vocabulary (zero on the last tokens)."""
+    """The acceptance rule alone: with drafts drawn from q, each emitted token follows its row of p
+    exactly (chi-square goodness of fit, false-alarm rate 1e-3 each): the first, the second (after
+    an accepted first draft) and the one after all n drafts are accepted (from p's last row), though
+    q differs from p a lot, also when q is confined to a draft vocabulary (zero on the last tokens).
+    The rows of p are context-free here, so the token at position i follows p[i] whenever emitted."""
     V, n, N = 6, 2, 20000
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(n + 1, V, generator=gen) * 1.5
@@ -844,13 +866,16 @@ def test_verify_drafts_sampling_rule_preserves_target(draft_vocab, one_thread):
     q[:, draft_vocab:] = 0
     q /= q.sum(-1, keepdim=True)
     p = torch.softmax(logits, dim=-1)
-    assert (p[0] - q[0]).abs().sum() / 2 > 0.2                  # the test has power
-    counts = torch.zeros(V, dtype=torch.float64)
+    assert (p[0] - q[0]).abs().sum() / 2 > 0.2 and (p[n] - p[0]).abs().sum() / 2 > 0.2   # the test has power
+    counts = torch.zeros(n + 1, V, dtype=torch.float64)         # the token emitted at each position
     for _ in range(N):
-        drafts = [torch.multinomial(q[i], 1, generator=gen) for i in range(n)]
-        accepted, token = verify_drafts([d[0] for d in drafts], list(q), logits, Sampling(1.0, 1.0, gen))
-        counts[drafts[0] if accepted > 0 else token] += 1
-    assert chi2_statistic(counts, p[0].double()) < chi2_critical(V - 1, 1e-3)
+        drafts = [torch.multinomial(q[i], 1, generator=gen)[0] for i in range(n)]
+        accepted, token = verify_drafts(drafts, list(q), logits, Sampling(1.0, 1.0, gen))
+        for i in range(accepted):
+            counts[i, drafts[i]] += 1
+        counts[accepted, token] += 1
+    for i in range(n + 1):
+        assert chi2_statistic(counts[i], p[i].double()) < chi2_critical(V - 1, 1e-3), (i, counts[i].sum())
 
 
 def test_sampling_with_a_set_draft_vocabulary_preserves_target(one_thread):
