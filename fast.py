@@ -107,8 +107,9 @@ def fla_chunked_rule(q, k, v, g, beta, initial_state=None):
     results, to the precision of its matrix products. Those run in v's dtype (bf16 in bf16 models, as
     transformers runs it) and, in fp32 models, round their inputs to tf32: outputs and states move by
     about 5e-4 of their largest value (test_fla_chunked_rule_matches_plain), so fp32 parity to 1e-5 is
-    the plain model's, without speed_up. q comes already scaled, so the kernel's own scale is 1. Where fla cannot differentiate (fla_backward_works),
-    a step that needs gradients takes the plain rule."""
+    the plain model's, without speed_up. q comes already scaled, so the kernel's own scale is 1.
+    Where fla cannot differentiate (fla_backward_works), a step that needs gradients takes the plain
+    rule."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
     if needs_grad and not fla_backward_works(q.device):
         return chunked_gated_delta_rule(q, k, v, g, beta, initial_state)

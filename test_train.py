@@ -436,6 +436,8 @@ def test_resume_keeps_the_saved_options_and_may_add_steps(head_only, text, tmp_p
     out, common = head_only[1], ["--data", text, "--freeze-backbone", *SMALL]
     for extra, message in [(["--steps", 9, "--lr", 0.5, "--mtp-depth", 2],
                             f"--resume {out}: saved by a run with --lr 0.01 (now 0.5), --mtp-depth 1 (now 2)"),
+                           (["--steps", 9, "--data", *(os.path.join(text, f"0{i}.txt") for i in range(4))],
+                            f"--resume {out}: saved by a run with other training text ("),
                            (["--steps", 8], f"--steps 8: the run in {out} was saved at step 8; give more")]:
         with pytest.raises(SystemExit) as exit:
             run("--resume", out, "--out", tmp_path / "more", *common, *extra)

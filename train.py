@@ -522,9 +522,9 @@ def resume_state(resume, model, trained, run_key, steps):
                          f"it trains {len(saved)} tensors, this run {len(wanted)}; differing: {differ[:3]}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["data"]            # what an older save did not record is not compared
-    changed = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in run_key.items()
-               if k in saved and saved[k] != v and k not in ("tokens", "crc32")]
-    if any(k in saved and saved[k] != run_key[k] for k in ("tokens", "crc32")):
+    differ = [k for k, v in run_key.items() if k in saved and saved[k] != v]
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (now {run_key[k]})" for k in differ if k not in ("tokens", "crc32")]
+    if {"tokens", "crc32"} & set(differ):
         changed.append(f"other training text ({saved['tokens']:,} tokens, now {run_key['tokens']:,})")
     if changed:
         raise ValueError(f"--resume {resume}: saved by a run with {', '.join(changed)}: a resumed run continues "
