@@ -673,8 +673,10 @@ class Cache:
         self.valid[:, slots] = valid
         counted = text_positions(self.valid)[:, slots]                        # [B, T]
         if positions is not None:
-            # the next position is the largest so far + 1, however far images moved it from the count
-            self.rope_deltas = positions.amax(dim=(0, 2))[:, None] - counted[:, -1:]
+            # the next token goes where mrope_positions puts text after the last one: its position + 1
+            # after text, start + max(h, w) after an image token (its row and column axes; not its frame,
+            # which can run past that when an image has more frames than rows and columns)
+            self.rope_deltas = positions[1:, :, -1:].amax(0) - counted[:, -1:]
         elif self.rope_deltas is not None:
             positions = counted + self.rope_deltas
         if self.first_step:
@@ -937,6 +939,8 @@ class VisionTower(nn.Module):
 def check_images(pixel_values, grid_thw, c: VisionConfig):
     """Shapes that fit the tower, before anything runs on them."""
     width = c.in_channels * c.temporal_patch_size * c.patch_size ** 2
+    if not torch.is_tensor(grid_thw) or grid_thw.is_floating_point() or grid_thw.dtype == torch.bool:
+        raise ValueError(f"image_grid_thw must be a tensor of integers; got {getattr(grid_thw, 'dtype', grid_thw)}")
     if pixel_values.ndim != 2 or pixel_values.shape[1] != width:
         raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected [patches, {width}] "
                          f"(channels x {c.temporal_patch_size} frames x {c.patch_size} x {c.patch_size} pixels)")
@@ -990,7 +994,8 @@ def mrope_positions(input_ids, valid, grid_thw, config):
             # Qwen3.5 quirk: the text after an image goes on at start + max(h, w), not at start + its
             # token count (and the frames do not count)
             start, i = start + max(h, w), i + t * h * w
-        positions[:, b, valid[b].cpu()] = torch.cat(pieces, dim=1)
+        if pieces:                                                          # else a row of padding only
+            positions[:, b, valid[b].cpu()] = torch.cat(pieces, dim=1)
     return positions.to(input_ids.device)
 
 

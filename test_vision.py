@@ -79,12 +79,18 @@ def test_tower_matches_transformers(dense_vl):
 
 def test_positions_match_get_rope_index(dense_vl):
     """3-D positions equal transformers' get_rope_index: left padding, two images in a row, an image at the
-    very start, a 2-frame grid; and the rope deltas a cache derives from them equal transformers' too."""
+    very start, a 2-frame grid; and the rope deltas a cache derives from them equal transformers' too (its
+    rule, the largest position + 1, is the text's next position when the prompt ends in text whose
+    position is the largest; test_cached_decoding_after_images_equals_full_forward has the other case)."""
     batch = image_batch([PADDED[0], UNPADDED[0], PADDED[1]], seed=2)
     expected, deltas = dense_vl.vl.model.get_rope_index(batch.ids, mm_token_type_ids=batch.mm,
                                                         image_grid_thw=batch.grid_thw, attention_mask=batch.mask)
     positions = mrope_positions(batch.ids, batch.mask.bool(), batch.grid_thw, dense_vl.model.config)
     assert torch.equal(positions, expected)
+    padding_only = torch.cat([batch.mask, torch.zeros_like(batch.mask[:1])]).bool()   # a row of padding: 0s
+    with_padding = mrope_positions(torch.cat([batch.ids, batch.ids[:1]]), padding_only, batch.grid_thw,
+                                   dense_vl.model.config)
+    assert torch.equal(with_padding, torch.cat([expected, torch.zeros_like(expected[:, :1])], dim=1))
     cache = Cache([], batch.ids.shape[1])
     cache.begin_step(*batch.mask.shape, batch.mask.device)
     cache.step(batch.mask.bool(), dense_vl.model.config, torch.float32, positions=positions)
@@ -184,8 +190,11 @@ def test_backward_with_images_matches_oracle(dense_vl):
 def test_cached_decoding_after_images_equals_full_forward(vl_case):
     """Prefill a prompt with images into the cache, then feed the text after it (a 3-token step, then
     single tokens): every step's logits equal the full forward's, so the positions after the images
-    continue where they should (rope deltas), per row of a left-padded batch."""
-    batch = image_batch([row + [12] for row in PADDED], seed=7)     # the prompt, then 12 text tokens
+    continue where they should (rope deltas), per row of a left-padded batch. The third row's prompt ends
+    just after a 4-frame image of one merged token per frame: its frames (time axis) run past where the
+    text after it goes on."""
+    rows = PADDED + [[2, (4, 2, 2)]]
+    batch = image_batch([row + [12] for row in rows], seed=7)     # the prompt, then 12 text tokens
     model, real = vl_case.model, batch.mask.bool()
     full = forward(model, batch, mtp=False).logits
     T, P = batch.ids.shape[1], batch.ids.shape[1] - 12
@@ -339,6 +348,8 @@ def test_bad_image_inputs_are_named(dense_vl):
         model(batch.ids, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw * torch.tensor([2, 1, 1]))
     with pytest.raises(ValueError, match="pixel_values and image_grid_thw go together"):
         model(batch.ids, pixel_values=batch.pixels)
+    with pytest.raises(ValueError, match="image_grid_thw must be a tensor of integers; got torch.float32"):
+        model(batch.ids, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw.float())
 
 
 # ==============================================================================================
