@@ -17,8 +17,8 @@ Module names mirror checkpoint keys, so loading is a prefix strip plus one table
     model.visual.X           (vision tower)         visual.X   (absent: a text-only model, visual = None)
 
 The loader is strict: every parameter is loaded exactly once, every tensor in the files is used,
-shapes must match, and nothing is left randomly initialised; all of it is checked from the files'
-headers before the first tensor is read.
+shapes must match, tensors must be stored as floating-point numbers, and nothing is left randomly
+initialised; all of it is checked from the files' headers before the first tensor is read.
 
 From the command line (see main at the end):
 
@@ -69,6 +69,8 @@ def config_from_hf(d: dict) -> Qwen35Config:
     config (`qwen3_5_text` / `qwen3_5_moe_text`, as transformers re-saves it), dense or MoE."""
     text = d.get("text_config", d)
     where = "text_config" if "text_config" in d else "the config"
+    if not isinstance(text, dict):
+        raise ValueError(f"config: text_config must be an object; got {json.dumps(text)}")
     is_moe = "moe" in str(text.get("model_type", "")) or "num_experts" in text
     required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads",
@@ -178,8 +180,10 @@ def read_json(file):
     try:
         with open(file) as f:
             doc = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"{file} is a directory, not a JSON file") from e
     if not isinstance(doc, dict):
         raise ValueError(f"{file}: expected a JSON object, found {type(doc).__name__}")
     return doc
@@ -271,6 +275,17 @@ def expert_part(fused, e, part):
     return {"gate_proj": expert[:half], "up_proj": expert[half:], "down_proj": expert}[part]
 
 
+FLOAT_TYPES = ("F64", "F32", "F16", "BF16")     # safetensors' names of the dtypes a model can hold
+
+
+def checkpoint_key(name, wrapped):
+    """The key that would feed parameter `name` (model_name's inverse), in the official VL-wrapped layout
+    or the flat one: errors name what a user can look for in the files."""
+    if name.startswith("visual."):
+        return "model." + name
+    return "model.language_model." + name[len("model."):] if wrapped and name.startswith("model.") else name
+
+
 def plan_reads(path, files, model):
     """What each file feeds into `model` (a meta model is enough), checked from the files' headers alone,
     so that a bad checkpoint fails before any tensor is read. Returns {file: [(key, parameter name,
@@ -284,6 +299,9 @@ def plan_reads(path, files, model):
         with open_safetensors(file, "cpu") as f:
             for key in f.keys():
                 name, part, shape = model_name(key), None, tuple(f.get_slice(key).get_shape())
+                if (stored := f.get_slice(key).get_dtype()) not in FLOAT_TYPES:
+                    raise ValueError(f"{file}: tensor {key} is stored as {stored}; expected one of "
+                                     f"{', '.join(FLOAT_TYPES)} (quantized checkpoints are not supported)")
                 if name == "lm_head.weight" and model.config.tie_word_embeddings:
                     tied_head = (key, file)
                     continue
@@ -319,7 +337,9 @@ def plan_reads(path, files, model):
         if missing := sorted(f"{e}.{kind}" for e, kind in wanted - got):
             raise ValueError(f"{path}: missing expert tensors for {name}: {missing[:20]}")
     if missing := sorted(set(expected) - set(seen)):
-        raise ValueError(f"{path}: parameters missing from the checkpoint: {missing[:20]}"
+        wrapped = any(key.startswith("model.language_model.") for file in plan for key, _, _ in plan[file])
+        missing = [checkpoint_key(name, wrapped) for name in missing]
+        raise ValueError(f"{path}: tensors missing from the checkpoint: {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''}")
     return plan, {name: len(got) for name, got in slices.items()}, tied_head
 
@@ -332,6 +352,8 @@ def checkpoint_tensors(path, model, dtype=None, device="cpu", skip=()):
     while reading, only the parameter being yielded, and a fused expert parameter whose per-expert
     slices are still arriving, are held here: a process that keeps a shard of each parameter never
     holds the whole model."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point type; got {dtype}")
     files = checkpoint_files(path)
     plan, slices, tied_head = plan_reads(path, files, model)
     shapes = {name: p.shape for name, p in model.named_parameters()}
@@ -372,11 +394,18 @@ def checkpoint_tensors(path, model, dtype=None, device="cpu", skip=()):
 
 def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
     """Build Qwen35 from a checkpoint directory (config.json + safetensors, single or sharded).
-    dtype=None keeps each tensor's dtype as stored; a dtype casts every tensor to it."""
+    dtype=None keeps the dtype as stored, and where the files mix dtypes (an fp32 head beside bf16
+    weights, say), every weight takes the embedding's, as in transformers: one layer's matrix products
+    need one dtype. A dtype casts every weight to it."""
     model = checkpoint_model(path)
     for name, tensor in checkpoint_tensors(path, model, dtype, device):
         module_name, _, leaf = name.rpartition(".")
         model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    common = model.model.embed_tokens.weight.dtype
+    for module in model.modules():
+        for leaf, p in module._parameters.items():
+            if p is not None and p.dtype != common:
+                module._parameters[leaf] = nn.Parameter(p.to(common), requires_grad=False)
     model.tie_weights()
     return model.eval()
 
@@ -384,17 +413,28 @@ def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
 # ----------------------------------------------------------------------------------------------
 # Writing checkpoints
 
+def write_safetensors(tensors, file, metadata):
+    """save_file, leaving the file readable as any file written here is (safetensors 0.8 leaves it 0600)."""
+    save_file(tensors, file, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
+
+
 def save_checkpoint(model, directory):
     """config.json (a flat text config) + model.safetensors with `model.*`, `lm_head.weight` (untied only),
-    `mtp.*` and `model.visual.*` (if any): loadable by load_checkpoint and by transformers'
-    Qwen3_5ForCausalLM (which ignores the vision tower)."""
+    `mtp.*` (experts per expert, as official checkpoints store them) and `model.visual.*` (if any):
+    loadable by load_checkpoint and by transformers' Qwen3_5ForCausalLM (which ignores the vision tower
+    and the MTP head)."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config_to_hf(model.config), f, indent=2)
+    state = model.state_dict()
+    mtp = {name: state.pop(name) for name in list(state) if name.startswith("mtp.")}
     tensors = {("model." + name if name.startswith("visual.") else name): p.detach().contiguous()
-               for name, p in model.state_dict().items()
-               if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+               for name, p in state.items() if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+    tensors.update(official_mtp_tensors(mtp, model.model.embed_tokens.weight.dtype))
+    write_safetensors(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
 
 
 def feeds(key, tied):
@@ -445,7 +485,7 @@ def updated_files(source, names):
     (None, [names]) last: one more shard, MTP_SHARD. Every process that gathers values for process 0's
     save walks this list too (train.py), so each takes part in the same gathers in the same order."""
     tied = read_config(source).tie_word_embeddings
-    names, plan, held = set(names), [], set()
+    names, plan, held = set(names) - ({"lm_head.weight"} if tied else set()), [], set()   # a state_dict's tied head
     for file in checkpoint_files(source):
         with open_safetensors(file, "cpu") as f:
             fed = dict.fromkeys(feeds(key, tied)[0] for key in f.keys())
@@ -463,7 +503,7 @@ def updated_files(source, names):
 
 def write_mtp_shard(source, directory, tensors):
     """An added MTP head's tensors as one more shard of a sharded checkpoint, listed in its index."""
-    save_file(tensors, os.path.join(directory, MTP_SHARD), metadata={"format": "pt"})
+    write_safetensors(tensors, os.path.join(directory, MTP_SHARD), metadata={"format": "pt"})
     index = read_json(os.path.join(source, INDEX))
     index["weight_map"].update({key: MTP_SHARD for key in tensors})
     if "total_size" in index.get("metadata", {}):
@@ -504,7 +544,7 @@ def save_updated(source, directory, params):
         if fresh := {name: value for name, value in values.items() if name not in held}:   # unsharded
             added += list(fresh)
             tensors.update(official_mtp_tensors(fresh, dtype))
-        save_file(tensors, os.path.join(directory, os.path.basename(file)), metadata=metadata)
+        write_safetensors(tensors, os.path.join(directory, os.path.basename(file)), metadata=metadata)
         shutil.copymode(file, os.path.join(directory, os.path.basename(file)))
     if added:
         config = read_json(os.path.join(source, "config.json"))
@@ -829,6 +869,8 @@ def check_device(device):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, NotImplementedError) as e:   # what torch raises, by device
         raise ValueError(f"--device {device} cannot be used here: {str(e).splitlines()[0]}") from e
+    if torch.device(device).type == "meta":
+        raise ValueError("--device meta cannot be used here: it holds no values")
 
 
 def main(argv=None):

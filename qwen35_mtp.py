@@ -1450,7 +1450,7 @@ def check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens
         raise ValueError("attention_mask: every row's last token must be real (use left padding)")
     if max_new_tokens < 0 or draft_tokens < 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and draft_tokens ({draft_tokens}) must be >= 0")
-    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+    if not sampling.temperature >= 0 or not 0 < sampling.top_p <= 1:      # (nan fails both)
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {sampling.temperature}, {sampling.top_p}")
     if draft_tokens and model.mtp is None:
         raise ValueError("draft_tokens > 0 needs an MTP head, and this checkpoint has none (no mtp.* tensors)")

@@ -349,10 +349,50 @@ LM = "model.language_model."
 
 
 def test_missing_tensor(official_dense, tmp_path):
-    """A deleted tensor is reported by name."""
+    """A deleted tensor is reported by the key it is stored under in this layout."""
     path = corrupt(official_dense, tmp_path, lambda t: t.pop(LM + "layers.0.linear_attn.A_log"))
-    with pytest.raises(ValueError, match=r"missing.*layers\.0\.linear_attn\.A_log"):
+    with pytest.raises(ValueError, match=r"missing.*\['model\.language_model\.layers\.0\.linear_attn\.A_log'\]"):
         load_checkpoint(path)
+
+
+def test_save_checkpoint_writes_the_official_mtp_layout(tmp_path, tmp_path_factory):
+    """save_checkpoint writes a MoE head's experts per expert, under the keys an official checkpoint
+    holds them (the main layers' experts stay fused, as transformers writes them), in files as readable
+    as any other the user writes (safetensors alone leaves 0600); loading it back gives the same weights."""
+    case = get_case(MOE_CASE, tmp_path_factory)
+    save_checkpoint(case.model, tmp_path)
+    saved = all_tensors(tmp_path)
+    assert {k for k in saved if k.startswith("mtp.")} == {k for k in all_tensors(case.path) if k.startswith("mtp.")}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in saved
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)} == {0o666 & ~umask}
+    loaded, expected = dict(load_checkpoint(str(tmp_path)).named_parameters()), dict(case.model.named_parameters())
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[n], p) for n, p in expected.items())
+
+
+def test_stored_dtypes(official_dense, tmp_path):
+    """A tensor stored as integers is refused by key, file and dtype; so is an integer dtype to load in.
+    Floating dtypes mixed in the files (a float32 head, router and norm beside bfloat16 weights) load as
+    one model in the embedding's dtype, as they would with dtype=bfloat16."""
+    key = LM + "layers.0.linear_attn.in_proj_qkv.weight"
+    def integers(t):
+        t[key] = t[key].to(torch.int32)
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor {re.escape(key)} is stored as I32"):
+        load_checkpoint(corrupt(official_dense, tmp_path / "int", integers))
+    with pytest.raises(ValueError, match="dtype must be a floating-point type; got torch.int8"):
+        load_checkpoint(official_dense.path, dtype=torch.int8)
+    def mixed(t):
+        for k in t:
+            if not (k.startswith("mtp.") or k.endswith("layernorm.weight")):
+                t[k] = t[k].to(torch.bfloat16)
+    path = corrupt(official_dense, tmp_path / "mixed", mixed)
+    model, expected = load_checkpoint(path), load_checkpoint(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = model(ids, mtp_depth=1), expected(ids, mtp_depth=1)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.mtp_logits, want.mtp_logits)
 
 
 def test_unexpected_key(official_dense, tmp_path):
@@ -1432,9 +1472,11 @@ def broken_checkpoints(word_checkpoint, tmp_path_factory):
     source, root = word_checkpoint.path, tmp_path_factory.mktemp("broken")
     made = {"missing": root / "no-such-checkpoint", "file": os.path.join(source, "model.safetensors")}
     for name, file, content in [("config json", "config.json", "{"), ("config list", "config.json", "[]"),
-                                ("index", "model.safetensors.index.json", '{"metadata": {}}')]:
+                                ("index", "model.safetensors.index.json", '{"metadata": {}}'),
+                                ("config bytes", "config.json", '{"model_type": "\x99"}'.encode("latin-1")),
+                                ("text_config null", "config.json", '{"text_config": null}')]:
         made[name] = shutil.copytree(source, root / name.replace(" ", "-"))
-        (made[name] / file).write_text(content)
+        (made[name] / file).write_bytes(content if isinstance(content, bytes) else content.encode())
     made["no mtp"] = root / "no-mtp"
     save_checkpoint(Qwen35(demo_config("tiny", mtp_num_hidden_layers=0)), made["no mtp"])
     return made
@@ -1447,7 +1489,11 @@ CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or a broken_c
     ("index", ["--info"], 'model.safetensors.index.json: expected a "weight_map" object'),
     ("file", ["--prompt", "the"], "model.safetensors is a file: give the checkpoint directory"),
     ("no mtp", ["--prompt", "def", "--draft-tokens", "2"], "draft_tokens > 0 needs an MTP head"),
+    ("config bytes", ["--info"], "config.json: not valid JSON ('utf-8' codec can't decode byte 0x99"),
+    ("text_config null", ["--prompt", "the"], "config: text_config must be an object; got null"),
     (None, ["--prompt", "the", "--device", "gpu"], "--device gpu cannot be used here: Expected one of cpu"),
+    (None, ["--prompt", "the", "--device", "meta"], "--device meta cannot be used here: it holds no values"),
+    (None, ["--prompt", "the", "--temperature", "nan"], "need temperature >= 0 and 0 < top_p <= 1; got nan, 1.0"),
     (None, ["--prompt", "the", "--draft-tokens", "-1"], "--draft-tokens must be >= 0, not -1"),
     (None, ["--prompt", "the", "--draft-vocab-size", "4"], "choose what drafts are drawn from: give --draft-tokens"),
     (None, ["--prompt", "the", "--draft-vocab", "none.json", "--draft-tokens", "1"],
@@ -1458,7 +1504,8 @@ CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or a broken_c
 
 
 @pytest.mark.parametrize("broken, args, message", CLI_INPUT_ERRORS, ids=[
-    "missing", "bad json", "not an object", "no weight_map", "a file", "drafts without a head", "bad device",
+    "missing", "bad json", "not an object", "no weight_map", "a file", "drafts without a head", "not utf-8",
+    "text_config null", "bad device", "meta device", "nan temperature",
     "negative drafts", "draft vocabulary without drafts", "missing draft vocabulary",
     "draft vocabulary to a directory"])
 def test_cli_input_errors_name_the_problem(word_checkpoint, broken_checkpoints, capsys, broken, args, message):

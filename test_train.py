@@ -160,6 +160,12 @@ def test_a_checkpoint_without_mtp_gets_an_official_style_head(tmp_path, text, mo
     assert added and all(k.startswith("mtp.") for k in added) and {keys[k][2] for k in added} == {"BF16"}
     assert all(keys[k] == old_keys[k] for k in old_keys)
     assert set(added.values()) == {load.MTP_SHARD if sharded else "model.safetensors"}
+    umask = os.umask(0)                              # a file rewritten keeps its mode; a new one, the usual
+    os.umask(umask)
+    mode = lambda *path: os.stat(os.path.join(*path)).st_mode & 0o777
+    for f in os.listdir(out):
+        if os.path.isfile(os.path.join(out, f)):
+            assert mode(out, f) == (mode(source, f) if os.path.exists(os.path.join(source, f)) else 0o666 & ~umask), f
     if moe:
         assert "mtp.layers.0.mlp.experts.5.up_proj.weight" in added
     with open(os.path.join(out, "config.json")) as f:
@@ -337,6 +343,8 @@ def test_save_reads_each_value_in_the_order_updated_files_gives(tmp_path, moe, m
             return super().__getitem__(name)
     load.save_updated(source, str(tmp_path / "out"), Recorded((name, values[name]) for name in names))
     plan = load.updated_files(source, names)
+    if not moe:       # tied: a state_dict()'s lm_head.weight is the embedding, which the plan holds already
+        assert load.updated_files(source, [*names, "lm_head.weight"]) == plan
     assert reads == [name for _, wanted in plan for name in wanted] and sorted(set(reads)) == sorted(names)
     assert len(plan) == 3 + (not mtp) and (plan[-1][0] is None) == (not mtp)
 
