@@ -148,7 +148,8 @@ def prefill_and_decode(path, quick, flops, bandwidth):
                 ids = torch.randint(0, ours.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
                 runs = 2 if T >= 2048 or name == "fp32" else 3
                 t_ours = median_time(lambda: ours.lm_head(ours.model(ids)[:, -1]), runs)
-                t_theirs = median_time(lambda: theirs(ids, logits_to_keep=1), runs)
+                t_theirs = median_time(lambda: theirs(ids, logits_to_keep=1, use_cache=False), runs)   # no cache:
+                                                                                  # ours keeps none here either
                 report("prefill", f"prefill T={T} {name}", T / t_ours, T / t_theirs, "tokens/s", "higher")
                 report("prefill", f"  share of {name} matmul peak (weights only)",
                        2 * params * T / t_ours / 1e9 / flops[name] * 100,
@@ -206,7 +207,8 @@ def load_time_and_memory(path):
 
 
 def training_step(quick):
-    header("Training step: forward + backward with the MTP loss (fp32, batch 8 x 256, small demo config)")
+    header(f"Training step: forward + backward with the MTP loss (fp32, batch 8 x {128 if quick else 256}, "
+           f"{'tiny' if quick else 'small'} demo config)")
     # the last layer is full attention: MtpModel copies its norm class from the last layer
     config = demo_config("tiny" if quick else "small", vocab_size=4096)
     ours = Qwen35(config)
@@ -579,9 +581,12 @@ def gpu_figures(variant, path, quick, device, figures):
         decode = lambda ids, n: generate(model, ids, n)
     else:
         model = Qwen3_5ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
-        prefill = lambda ids: model(ids, logits_to_keep=1)
+        prefill = lambda ids: model(ids, logits_to_keep=1, use_cache=False)     # as ours: no cache kept
         decode = lambda ids, n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                pad_token_id=0)
+    if variant.endswith(("fla", "fast")) and importlib.util.find_spec("fla"):      # transformers falls back quietly
+        import fla.ops.gated_delta_rule                                          # where fla does not import
+        figures["fla imported (version)"] = fla.__version__
     V = model.config.vocab_size
     ids = lambda B, T: torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
     # decoding first: the most telling figure (a variant stopped at its time limit keeps what it measured)
@@ -591,6 +596,9 @@ def gpu_figures(variant, path, quick, device, figures):
                                                                                        device, 1, warmup=0)
         full, first = (device_time(lambda k=k: decode(x, k), device, 2, warmup=1) for k in (n + 1, 1))
         figures[f"decode, ms/token after {decode_after}"] = (full - first) / n * 1e3
+        if ours:          # next: the issue's MTP targets; the caches' capacity is decoding's, so are its graphs
+            for name, value in mtp_costs(model, quick, device, decode_after, decode_after + n + 1).items():
+                figures[name] = value
         x = ids(1, lengths[0])
         once = device_time(lambda: prefill(x), device, 1, warmup=0)         # one timed call: the first
         figures[f"first prefill call, T={lengths[0]} (compiles), s"] = once
@@ -613,9 +621,6 @@ def gpu_figures(variant, path, quick, device, figures):
         except Exception as e:                                # e.g. a kernel that refuses this GPU
             figures[f"{name}, ms"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
     model.requires_grad_(False)
-    if ours:                  # last: verifications and drafts compile the most graphs (each step length)
-        for name, value in mtp_costs(model, quick, device, decode_after, decode_after + n + 1).items():
-            figures[name] = value
 
 
 def mtp_costs(model, quick, device, context, capacity):
@@ -628,7 +633,8 @@ def mtp_costs(model, quick, device, context, capacity):
     with torch.no_grad():
         plain = device_time(plain_step, device, runs)
         verify = {k: device_time(lambda k=k: verify_step(k + 1), device, runs) / plain for k in (1, 2)}
-        drafts = {"all ids": draft_head(model, None, None), "first 32768": draft_head(model, None, min(32768, V))}
+        drafts = {"all ids": draft_head(model, None, None),         # projected as if the text lay within them:
+                  "first 32768 ids": draft_head(model, None, min(32768, V))}     # spec08 weighs in coverage
         drafts = {name: device_time(lambda h=head: draft_step(h), device, runs) / plain for name, head in drafts.items()}
     costs["MTP: plain decode step, ms"] = plain * 1e3
     costs.update({f"MTP: verify k={k} ({k + 1} tokens) / plain step": v for k, v in verify.items()})
@@ -652,10 +658,12 @@ def gpu_suite(quick, device, time_limit):
           f"{'tiny' if quick else 'Qwen3.5-0.8B'} shape")
     results = {}
     variants = [v for v in GPU_VARIANTS if v != "hf+fla" or fla]
-    for i, variant in enumerate(variants):
-        out = os.path.join("runs", "bench", f"gpu-{variant}.json")
+    files = {v: os.path.join("runs", "bench", f"gpu-{v.replace('+', '-')}.json") for v in GPU_VARIANTS}
+    for out in files.values():                  # no figures of an earlier run may pass for this one's
         if os.path.exists(out):
             os.remove(out)
+    for i, variant in enumerate(variants):
+        out = files[variant]
         env = {**os.environ, "BENCH_WITHOUT_FLA": "" if variant.endswith(("fla", "fast")) else "1"}
         limit = max(30.0, deadline - time.time() - 50 * (len(variants) - i - 1))
         try:
@@ -664,8 +672,9 @@ def gpu_suite(quick, device, time_limit):
                                    cwd=os.path.dirname(os.path.abspath(__file__)), timeout=limit)
             if child.returncode:
                 print(f"  {variant}: failed\n{child.stderr[-2000:]}")
-        except subprocess.TimeoutExpired:
-            print(f"  {variant}: stopped after {limit:.0f} s, with what it had measured")
+        except subprocess.TimeoutExpired as e:
+            stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+            print(f"  {variant}: stopped after {limit:.0f} s, with what it had measured\n{stderr[-2000:]}")
         if os.path.exists(out):
             results[variant] = json.load(open(out))
     names = list(dict.fromkeys(name for figures in results.values() for name in figures))
@@ -674,10 +683,10 @@ def gpu_suite(quick, device, time_limit):
         values = [results[v].get(name) for v in results]
         cells = "".join(f"{v:13.2f}" if isinstance(v, float) else f"{str(v or '-')[:12]:>13s}" for v in values)
         fast, ratios = results.get("ours+fast", {}).get(name), []
-        for base in ("hf+fla", "hf"):
+        for base in ("hf+fla", "hf"):               # both slots, "-" where a ratio is missing
             theirs = results.get(base, {}).get(name)
-            if isinstance(fast, float) and isinstance(theirs, float) and theirs:
-                ratios.append(f"{fast / theirs:.2f}")
+            ratios.append(f"{fast / theirs:.2f}" if isinstance(fast, float) and isinstance(theirs, float) and theirs
+                          else "-")
         print(f"  {name:70s}{cells}  {', '.join(ratios)}")
         rows.append(dict(section="gpu", what=name, **{v: results[v].get(name) for v in results}))
 
