@@ -723,7 +723,8 @@ def main():
         parser.error(f"unknown section(s) {unknown}; expected some of {', '.join(SECTIONS)}")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'quick smoke test' if args.quick else 'Qwen3.5-0.8B shape, random weights'}")
+          f"{'quick smoke test' if args.quick else 'Qwen3.5-0.8B shape, random weights'}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs skew the figures)")
     start = time.time()
     if {"prefill", "load", "trainmem", "spec08"} & set(sections):
         path = random_checkpoint(os.path.join("runs", "bench", "quick" if args.quick else "qwen3.5-0.8b-random"),
@@ -743,7 +744,7 @@ def main():
     coverage = draft_vocab_coverage(draft_vocab_sizes(args.quick), args.quick) if "coverage" in sections else None
     if "spec08" in sections:
         speculative_08b(path, args.quick, coverage)
-    print(f"\ntotal {time.time() - start:.0f} s")
+    print(f"\ntotal {time.time() - start:.0f} s; load average {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -396,7 +396,9 @@ def load_checkpoint(path, dtype=None, device="cpu") -> Qwen35:
     """Build Qwen35 from a checkpoint directory (config.json + safetensors, single or sharded).
     dtype=None keeps the dtype as stored, and where the files mix dtypes (an fp32 head beside bf16
     weights, say), every weight takes the embedding's, as in transformers: one layer's matrix products
-    need one dtype. A dtype casts every weight to it."""
+    need one dtype. A dtype casts every weight to it. Weights kept in their stored dtype on the CPU are
+    safetensors' memory maps of the files: a file rewritten in place changes the model that maps it
+    (save_checkpoint and save_updated write new files, and are safe)."""
     model = checkpoint_model(path)
     for name, tensor in checkpoint_tensors(path, model, dtype, device):
         module_name, _, leaf = name.rpartition(".")
