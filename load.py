@@ -298,8 +298,9 @@ def plan_reads(path, files, model):
         plan[file] = []
         with open_safetensors(file, "cpu") as f:
             for key in f.keys():
-                name, part, shape = model_name(key), None, tuple(f.get_slice(key).get_shape())
-                if (stored := f.get_slice(key).get_dtype()) not in FLOAT_TYPES:
+                header = f.get_slice(key)
+                name, part, shape = model_name(key), None, tuple(header.get_shape())
+                if (stored := header.get_dtype()) not in FLOAT_TYPES:
                     raise ValueError(f"{file}: tensor {key} is stored as {stored}; expected one of "
                                      f"{', '.join(FLOAT_TYPES)} (quantized checkpoints are not supported)")
                 if name == "lm_head.weight" and model.config.tie_word_embeddings:
