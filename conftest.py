@@ -72,6 +72,13 @@ def mtp_key(oracle_name):
     raise KeyError(oracle_name)
 
 
+def new_file_mode():
+    """The permission bits open() gives a new file here (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 

@@ -41,8 +41,8 @@ from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 import load
 import qwen35_mtp
 from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, MOE_CASE, REPO, T_LONG, TINY, TOL, agreeing_model,
-                      all_tensors, assert_close, finish, get_case, max_diff, mtp_key, oracle_mtp_logits, run_cli,
-                      start_cli, tiny_model, write_checkpoint, write_word_tokenizer)
+                      all_tensors, assert_close, finish, get_case, max_diff, mtp_key, new_file_mode, oracle_mtp_logits,
+                      run_cli, start_cli, tiny_model, write_checkpoint, write_word_tokenizer)
 from fast import speed_up
 from load import (checkpoint_model, checkpoint_tensors, config_from_hf, load_checkpoint, prompt_codec,
                   save_checkpoint)
@@ -364,9 +364,7 @@ def test_save_checkpoint_writes_the_official_mtp_layout(tmp_path, tmp_path_facto
     saved = all_tensors(tmp_path)
     assert {k for k in saved if k.startswith("mtp.")} == {k for k in all_tensors(case.path) if k.startswith("mtp.")}
     assert "model.layers.1.mlp.experts.gate_up_proj" in saved
-    umask = os.umask(0)
-    os.umask(umask)
-    assert {os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)} == {0o666 & ~umask}
+    assert {os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)} == {new_file_mode()}
     loaded, expected = dict(load_checkpoint(str(tmp_path)).named_parameters()), dict(case.model.named_parameters())
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[n], p) for n, p in expected.items())
 

@@ -22,8 +22,9 @@ from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForCondition
 import fast
 import load
 import train
-from conftest import (EVERY_4TH, REPO, all_tensors, build_oracle, build_vl_oracle, max_diff, official_config, official_tensors,
-                      tiny_model, write_checkpoint, write_sharded_checkpoint, write_word_tokenizer)
+from conftest import (EVERY_4TH, REPO, all_tensors, build_oracle, build_vl_oracle, max_diff, new_file_mode,
+                      official_config, official_tensors, tiny_model, write_checkpoint, write_sharded_checkpoint,
+                      write_word_tokenizer)
 from load import load_checkpoint
 from qwen35_mtp import linear_cross_entropy
 
@@ -160,12 +161,10 @@ def test_a_checkpoint_without_mtp_gets_an_official_style_head(tmp_path, text, mo
     assert added and all(k.startswith("mtp.") for k in added) and {keys[k][2] for k in added} == {"BF16"}
     assert all(keys[k] == old_keys[k] for k in old_keys)
     assert set(added.values()) == {load.MTP_SHARD if sharded else "model.safetensors"}
-    umask = os.umask(0)                              # a file rewritten keeps its mode; a new one, the usual
-    os.umask(umask)
-    mode = lambda *path: os.stat(os.path.join(*path)).st_mode & 0o777
+    mode = lambda *path: os.stat(os.path.join(*path)).st_mode & 0o777    # a rewritten file keeps its mode
     for f in os.listdir(out):
         if os.path.isfile(os.path.join(out, f)):
-            assert mode(out, f) == (mode(source, f) if os.path.exists(os.path.join(source, f)) else 0o666 & ~umask), f
+            assert mode(out, f) == (mode(source, f) if os.path.exists(os.path.join(source, f)) else new_file_mode()), f
     if moe:
         assert "mtp.layers.0.mlp.experts.5.up_proj.weight" in added
     with open(os.path.join(out, "config.json")) as f:
