@@ -478,6 +478,20 @@ def drafting_steps(model, device="cpu", context=64, capacity=200):
     return plain_step, verify_step, draft_step
 
 
+def drafting_rounds(model, device, context, k):
+    """run(new_tokens): generate(..., draft_tokens=k) after a `context`-token prompt, its rounds
+    (verifications) counted into rounds[new_tokens]. The time of run(n + 1) less run(1), over their
+    rounds' difference, is a round measured whole: the drafts, the verification, the rollback and the
+    host's bookkeeping, which the projection's verify + k drafts leave out. (On random weights nearly
+    every draft is rejected: a round then emits one token.)"""
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(3)).to(device)
+    rounds = {}
+
+    def run(new_tokens):
+        rounds[new_tokens] = generate(model, ids, new_tokens, draft_tokens=k)[1]["main_forwards"]
+    return run, rounds
+
+
 def speculative_08b(path_08b, quick, coverage):
     """Time one plain step, verification of k+1 tokens and one draft (over all ids, the first N ids, a
     gathered set of N ids), and project the speedup they imply at a given draft acceptance; with a draft
@@ -487,6 +501,8 @@ def speculative_08b(path_08b, quick, coverage):
     V = model.config.vocab_size
     sizes = draft_vocab_sizes(quick)
     plain_step, verify_step, draft_step = drafting_steps(model)
+    run, rounds = drafting_rounds(model, "cpu", 64, 2)       # a 64-token prompt, as drafting_steps
+    tokens = 5 if quick else 9                              # generate 1 and `tokens`: a round is the difference
     with torch.no_grad():
         # a set's rows are gathered once per generate call, so a draft costs the same as over the first N
         # ids; which N ids does not matter to the time (random ones here)
@@ -497,6 +513,7 @@ def speculative_08b(path_08b, quick, coverage):
                                              None)
         steps = {("verify", k): (lambda k=k: verify_step(k + 1)) for k in (1, 2, 3)}
         steps.update({("draft", name): (lambda head=head: draft_step(head)) for name, head in heads.items()})
+        steps.update({("generate", m): (lambda m=m: run(m)) for m in (tokens, 1)})
         plain, ratio = median_ratios(plain_step, steps, 3 if quick else 9)
     report("spec08", "plain decode step (T=1)", plain * 1e3, unit="ms")
     draft_cost = {name: ratio[("draft", name)] for name in heads}
@@ -509,6 +526,9 @@ def speculative_08b(path_08b, quick, coverage):
         for alpha in (0.65, 0.8, 0.9):
             report("spec08", f"  speedup k={k}, acceptance {alpha}, all ids",
                    project_speedup(alpha, k, verify[k], draft_cost["all ids"]), unit="x", better="higher")
+    report("spec08", "k=2 round / plain step: verify + 2 drafts", verify[2] + 2 * draft_cost["all ids"], unit="x")
+    report("spec08", "k=2 round / plain step: generate, measured",
+           (ratio[("generate", tokens)] - ratio[("generate", 1)]) / (rounds[tokens] - rounds[1]), unit="x")
     if coverage:
         projected_with_draft_vocabularies(coverage, draft_cost, verify, sizes)
 
@@ -621,6 +641,15 @@ def gpu_figures(variant, path, quick, device, figures):
         except Exception as e:                                # e.g. a kernel that refuses this GPU
             figures[f"{name}, ms"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
     model.requires_grad_(False)
+    if ours:   # last: generate with drafts compiles the MTP head's steps again (its cache is k tokens longer)
+        plain = figures["MTP: plain decode step, ms"] / 1e3
+        figures["MTP: round k=2 as projected: verify + 2 drafts / plain step"] = \
+            figures["MTP: verify k=2 (3 tokens) / plain step"] + 2 * figures["MTP: one draft, all ids / plain step"]
+        run, rounds = drafting_rounds(model, device, decode_after, 2)
+        with torch.no_grad():
+            long, short = (device_time(lambda m=m: run(m), device, runs, warmup=1) for m in (n + 1, 1))
+        figures["MTP: round k=2 measured whole in generate / plain step"] = \
+            (long - short) / (rounds[n + 1] - rounds[1]) / plain
 
 
 def mtp_costs(model, quick, device, context, capacity):
@@ -665,7 +694,7 @@ def gpu_suite(quick, device, time_limit):
     for i, variant in enumerate(variants):
         out = files[variant]
         env = {**os.environ, "BENCH_WITHOUT_FLA": "" if variant.endswith(("fla", "fast")) else "1"}
-        limit = max(30.0, deadline - time.time() - 50 * (len(variants) - i - 1))
+        limit = max(30.0, deadline - time.time() - 40 * (len(variants) - i - 1))
         try:
             child = subprocess.run([sys.executable, "bench.py", "--device", device, "--variant", variant, "--json", out]
                                    + (["--quick"] if quick else []), env=env, capture_output=True, text=True,
@@ -705,7 +734,7 @@ def main():
     parser.add_argument("--gpu-suite", action="store_true", help="the GPU figures' code on --device cpu (a smoke "
                         "test with --quick); implied by --device cuda")
     parser.add_argument("--time-limit", type=float, default=3600, help="seconds for the GPU figures: each variant "
-                        "is stopped in time to leave 50 s to each later one, and keeps what it measured")
+                        "is stopped in time to leave 40 s to each later one, and keeps what it measured")
     parser.add_argument("--variant", choices=GPU_VARIANTS, help=argparse.SUPPRESS)   # a child of the GPU suite
     args = parser.parse_args()
     if args.variant:
