@@ -643,12 +643,12 @@ def gpu_figures(variant, path, quick, device, figures):
     model.requires_grad_(False)
     if ours:   # last: generate with drafts compiles the MTP head's steps again (its cache is k tokens longer)
         plain = figures["MTP: plain decode step, ms"] / 1e3
-        figures["MTP: round k=2 as projected: verify + 2 drafts / plain step"] = \
+        figures["MTP: k=2 round / plain step: verify + 2 drafts"] = \
             figures["MTP: verify k=2 (3 tokens) / plain step"] + 2 * figures["MTP: one draft, all ids / plain step"]
         run, rounds = drafting_rounds(model, device, decode_after, 2)
         with torch.no_grad():
             long, short = (device_time(lambda m=m: run(m), device, runs, warmup=1) for m in (n + 1, 1))
-        figures["MTP: round k=2 measured whole in generate / plain step"] = \
+        figures["MTP: k=2 round / plain step: generate, measured"] = \
             (long - short) / (rounds[n + 1] - rounds[1]) / plain
 
 

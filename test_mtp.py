@@ -1651,7 +1651,7 @@ def test_bench_gpu_suite_runs_on_cpu(tmp_path):
     variants = ["ours+fast", "hf", "ours"]
     for name in ["prefill T=128, ms", "decode, ms/token after 64", "training step B=2 T=64, ms"]:
         assert all(isinstance(rows[name][v], float) for v in variants), rows[name]
-    for name in ["MTP: verify k=2 (3 tokens) / plain step", "MTP: round k=2 measured whole in generate / plain step"]:
+    for name in ["MTP: verify k=2 (3 tokens) / plain step", "MTP: k=2 round / plain step: generate, measured"]:
         assert all(isinstance(rows[name][v], float) for v in ["ours+fast", "ours"]), rows[name]
 
 
