@@ -6,6 +6,7 @@ Training a checkpoint with train.py --init: tiny official-layout checkpoints tra
 """
 
 import functools
+import glob
 import json
 import os
 import random
@@ -383,6 +384,13 @@ def bad_inputs(tmp_path_factory, head_only):
     taken = root / "taken"
     taken.mkdir()
     (taken / "config.json").write_text("{}")
+    (root / "killed.previous").mkdir()             # a save killed between its two renames left only this
+    (root / "killed.previous" / "config.json").write_text("{}")
+    damaged, partial = root / "damaged", root / "partial"     # a saved run's train_state, broken two ways
+    for broken in (damaged, partial):
+        shutil.copytree(head_only[1], broken)
+    (damaged / train.RUN).write_bytes(b"not a torch.save file")
+    os.remove(sorted(glob.glob(str(partial / train.STATE / "*.distcp")))[0])
     return root
 
 
@@ -406,6 +414,12 @@ BAD = [  # (arguments, beyond --init/--data/--out, message)
     (["--lr", "nan"], "--lr must be > 0, not nan"),
     (["--seq-len", "2"], "--seq-len must be >= 3, not 2"),
     (["--eval-windows", "0"], "--eval-windows must be at least the number of processes (1), not 0"),
+    (["--lr", "inf"], "--lr must be finite, not inf"),
+    (["--mtp-loss-weight", "-1"], "--mtp-loss-weight must be >= 0, not -1.0"),
+    (["--save-every", "-1"], "--save-every must be >= 0, not -1"),
+    (["--out", "{root}/killed"], "--out {root}/killed: {root}/killed.previous holds the last save of a run killed"),
+    (["--resume", "{root}/damaged", "--init", None], "--resume {root}/damaged: train_state cannot be read ("),
+    (["--resume", "{root}/partial", "--init", None], "--resume {root}/partial: train_state lacks 1 of its shard files"),
 ]
 
 
@@ -427,13 +441,27 @@ def test_bad_input_is_one_line_and_exit_2(bad_inputs, head_only, text, tmp_path,
     assert exit.value.code == 2 and fill(message) in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "out")
     assert os.listdir(bad_inputs / "taken") == ["config.json"]
+    assert os.listdir(bad_inputs / "killed.previous") == ["config.json"]
 
 
-def test_demo_settings_are_checked_before_training(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--log-every", "0"], "--log-every must be > 0, not 0"),
+    (["--time-budget", "nan"], "--time-budget must be > 0 seconds, not nan"),
+    (["--new-tokens", "0"], "--new-tokens must be > 0, not 0"),
+    (["--out", "{taken}"], "--out {taken} already holds files (another checkpoint?); --overwrite replaces it"),
+])
+def test_demo_settings_are_checked_before_training(tmp_path, capsys, args, message):
+    """The demo's --out may hold a demo's own two files (a rerun replaces them), nothing else."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    for name in [*train.DEMO_FILES, "model.safetensors.index.json"]:
+        (taken / name).write_text("{}")
     with pytest.raises(SystemExit) as exit:
-        train.main(["--log-every", "0", "--steps", "1"])
+        train.main([a.format(taken=taken) for a in args] + ["--steps", "1"])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and "--log-every must be > 0, not 0" in err and err.count("\n") == 1, err
+    assert exit.value.code == 2 and message.format(taken=taken) in err and err.count("\n") == 1, err
+    os.remove(taken / "model.safetensors.index.json")
+    train.check_out(str(taken), overwrite=False, replaceable=train.DEMO_FILES)      # a demo's own: accepted
 
 
 def test_resume_keeps_the_saved_options_and_may_add_steps(head_only, text, tmp_path, capsys, monkeypatch):

@@ -248,10 +248,11 @@ def set_trainable(model, freeze_backbone):
 
 
 def make_optimizer(model, lr, steps):
-    """AdamW (weight decay on matrices only) with linear warmup and cosine decay to 10%."""
+    """AdamW with linear warmup and cosine decay to 10%; weight decay on tensors of 2 or more dims
+    (projections, conv kernels, routers), not on norms, A_log or dt_bias."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]   # norms, gates
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
@@ -447,6 +448,18 @@ def replaced_atomically(directory, rank=0):
     barrier()
 
 
+def check_out(out, overwrite, resume=None, replaceable=()):
+    """Refuse, unless --overwrite, an --out whose contents a save would replace: files other than
+    `replaceable` (a demo run's own), or the last save of an interrupted run, left in OUT.previous."""
+    if overwrite or (resume and os.path.exists(out) and os.path.samefile(out, resume)):
+        return
+    if os.path.exists(out + ".previous") and not os.path.exists(out):
+        raise ValueError(f"--out {out}: {out}.previous holds the last save of a run killed while saving; rename "
+                         f"it back to {out} (then --resume it), or --overwrite replaces it")
+    if os.path.exists(out) and (not os.path.isdir(out) or set(os.listdir(out)) - set(replaceable)):
+        raise ValueError(f"--out {out} already holds files (another checkpoint?); --overwrite replaces it")
+
+
 def trained_state(model, optimizer, trained):
     """{"weights": the trained parameters by name, "optimizer": AdamW's state by parameter name}: each
     process's shards, or whole tensors in one process."""
@@ -512,15 +525,23 @@ def resume_state(resume, model, trained, run_key, steps):
     path = os.path.join(resume, RUN)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume {resume}: no {RUN} in it (train.py writes one at each save)")
-    metadata = dcp.FileSystemReader(os.path.join(resume, STATE)).read_metadata().state_dict_metadata
-    saved = {key.removeprefix("weights."): tuple(m.size) for key, m in metadata.items() if key.startswith("weights.")}
+    try:                    # a damaged or partly copied save: one line naming it, not the reader's traceback
+        metadata = dcp.FileSystemReader(os.path.join(resume, STATE)).read_metadata()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--resume {resume}: {STATE} cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+    missing = sorted({info.relative_path for info in metadata.storage_data.values()}
+                     - set(os.listdir(os.path.join(resume, STATE))))
+    if missing:
+        raise FileNotFoundError(f"--resume {resume}: {STATE} lacks {len(missing)} of its shard files: {missing[:3]}")
+    saved = {key.removeprefix("weights."): tuple(m.size) for key, m in metadata.state_dict_metadata.items()
+             if key.startswith("weights.")}
     params = dict(model.named_parameters())
     wanted = {name: tuple(params[name].shape) for name in trained}
     if saved != wanted:
         differ = sorted(set(saved.items()) ^ set(wanted.items()))
         raise ValueError(f"--resume {resume}: the saved state does not match this model and --freeze-backbone: "
                          f"it trains {len(saved)} tensors, this run {len(wanted)}; differing: {differ[:3]}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["data"]            # what an older save did not record is not compared
     differ = [k for k, v in run_key.items() if k in saved and saved[k] != v]
     changed = [f"--{k.replace('_', '-')} {saved[k]} (now {run_key[k]})" for k in differ if k not in ("tokens", "crc32")]
@@ -576,8 +597,14 @@ def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=
 
 
 def check_settings(args, world):
-    problems = [f"--{name.replace('_', '-')} must be > 0, not {getattr(args, name)}"
-                for name in ("steps", "batch_size", "grad_accum", "lr", "log_every") if not getattr(args, name) > 0]
+    value, flag = (lambda name: getattr(args, name)), (lambda name: "--" + name.replace("_", "-"))
+    problems = [f"{flag(n)} must be > 0, not {value(n)}" for n in ("steps", "batch_size", "grad_accum", "lr",
+                                                                   "log_every", "new_tokens") if not value(n) > 0]
+    problems += [f"{flag(n)} must be >= 0, not {value(n)}" for n in ("mtp_loss_weight", "save_every", "eval_every")
+                 if not value(n) >= 0]                                  # written so that nan fails too
+    problems += [f"{flag(n)} must be finite, not inf" for n in ("lr", "mtp_loss_weight") if value(n) == math.inf]
+    if args.time_budget is not None and not args.time_budget > 0:
+        problems.append(f"--time-budget must be > 0 seconds, not {args.time_budget}")
     if args.batch_size % (world * args.grad_accum):
         problems.append(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
                         f"--grad-accum ({args.grad_accum})")
@@ -616,9 +643,7 @@ def setup_run(args, world, device, log):
     if n == 0:
         raise ValueError(f"--data: {len(held_windows)} held-out windows, fewer than the {world} processes")
     eval_windows = held_windows[torch.linspace(0, len(held_windows) - 1, n).long()]
-    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.overwrite \
-            and not (args.resume and os.path.samefile(args.out, args.resume)):
-        raise ValueError(f"--out {args.out} already holds files (another checkpoint?); --overwrite replaces it")
+    check_out(args.out, args.overwrite, args.resume)
     log(f"data: {len(documents):,} documents, {len(train_ids):,} training tokens ({len(train_windows):,} windows "
         f"of {args.seq_len}), {len(held_ids):,} held-out tokens (one document in {every}; {n} windows evaluated); "
         f"tokenizer {tokenizer}, end of text {eos}")
@@ -771,7 +796,8 @@ def demo(args):
     print("held-out, teacher-forced: the depth-d head's argmax agrees with the main model's for "
           + ", ".join(f"depth {d} {a:.2f}" for d, a in enumerate(result["acceptance"], start=1))
           + f" (trained to depth {args.mtp_depth})")
-    save_checkpoint(model, args.out)
+    with replaced_atomically(args.out) as directory:
+        save_checkpoint(model, directory)
     print(f"saved {args.out}/config.json and model.safetensors")
     prompt = demo_prompt(held_out)
     print(f"prompt (held-out): {bytes(prompt[0].tolist()).decode(errors='replace')!r}")
@@ -783,7 +809,8 @@ def demo(args):
 # Command line
 
 CHECKPOINT_ONLY = ["data", "resume", "grad_accum", "save_every", "eval_every", "eval_share", "eval_windows",
-                   "checkpoint_activations", "overwrite"]
+                   "checkpoint_activations"]
+DEMO_FILES = ["config.json", "model.safetensors"]      # a demo's --out: the next demo run may replace them
 DEMO_ONLY = ["size", "time_budget", "new_tokens"]
 
 
@@ -814,7 +841,8 @@ def main(argv=None):
     parser.add_argument("--save-every", type=int, default=0, help="also save every N steps (for --resume)")
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
     parser.add_argument("--eval-share", type=float, default=0.05, help="share of documents held out (at most 0.5)")
-    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows evaluated")
+    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows evaluated (rounded "
+                        "down to a multiple of the processes: each evaluates an equal share)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=list(DEMO_SIZES), default="medium", help="the demo model's size")
@@ -830,17 +858,17 @@ def main(argv=None):
                  if getattr(args, name) != parser.get_default(name)]:
         fail(f"{' '.join(given)}: " + ("the demo's options, not for --init/--resume" if checkpoint_mode
                                        else "for training a checkpoint: give --init"))
+    if checkpoint_mode and not args.out:
+        fail("--init/--resume need --out, the directory the trained checkpoint goes to")
+    # "out/" would put a save's temporary OUT.tmp inside OUT (replaced_atomically writes it beside)
+    args.out, args.resume = (path and os.path.normpath(path) for path in (args.out or "runs/demo", args.resume))
     if not checkpoint_mode:
         try:
             check_settings(args, world=1)    # the checkpoint-only ones are at their defaults here
+            check_out(args.out, args.overwrite, replaceable=DEMO_FILES)
         except ValueError as e:
             fail(e)
-        args.out = args.out or "runs/demo"
         return demo(args)
-    if not args.out:
-        fail("--init/--resume need --out, the directory the trained checkpoint goes to")
-    # "out/" would put a save's temporary OUT.tmp inside OUT (replaced_atomically writes it beside)
-    args.out, args.resume = (path and os.path.normpath(path) for path in (args.out, args.resume))
     rank, world, device = init_distributed()
     log = print if rank == 0 else lambda *a, **k: None
     try:
