@@ -1448,6 +1448,11 @@ def check_generate_args(model, input_ids, max_new_tokens, sampling, draft_tokens
                          f"{tuple(input_ids.shape)}")
     if attention_mask is not None and not attention_mask.bool()[:, -1].all():
         raise ValueError("attention_mask: every row's last token must be real (use left padding)")
+    counts = dict(max_new_tokens=max_new_tokens, draft_tokens=draft_tokens)
+    if draft_vocab_size is not None:
+        counts.update(draft_vocab_size=draft_vocab_size)
+    if bad := [f"{name}={n!r}" for name, n in counts.items() if isinstance(n, bool) or not isinstance(n, int)]:
+        raise ValueError(f"{', '.join(bad)}: expected an int")
     if max_new_tokens < 0 or draft_tokens < 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and draft_tokens ({draft_tokens}) must be >= 0")
     if not sampling.temperature >= 0 or not 0 < sampling.top_p <= 1:      # (nan fails both)

@@ -1302,6 +1302,10 @@ def test_generate_rejects_bad_input():
         (no_mtp, dict(input_ids=prompt, max_new_tokens=4, draft_tokens=1), "needs an MTP head"),
         (model, dict(input_ids=prompt.expand(2, -1), max_new_tokens=4, draft_tokens=1), "batch size 1"),
         (model, dict(input_ids=prompt, max_new_tokens=4, temperature=-1.0), "temperature"),
+        (model, dict(input_ids=prompt, max_new_tokens=4.0), r"max_new_tokens=4.0: expected an int"),
+        (model, dict(input_ids=prompt, max_new_tokens=4, draft_tokens=True), r"draft_tokens=True: expected an int"),
+        (model, dict(input_ids=prompt, max_new_tokens=4, draft_tokens=1, draft_vocab_size=5.0),
+         r"draft_vocab_size=5.0: expected an int"),       # it slices the head's weight
     ]
     for m, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
