@@ -809,8 +809,8 @@ def build_draft_vocab(path, size, files, weights=None):
     optimistic for other text)."""
     if weights is not None and len(weights) != len(files):
         raise ValueError(f"{len(weights)} weight(s) for {len(files)} text file(s): give one weight per file")
-    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
-        raise ValueError(f"weights must be >= 0 with a positive sum; got {weights}")
+    if weights is not None and not (all(0 <= w < math.inf for w in weights) and sum(weights) > 0):   # nan too
+        raise ValueError(f"weights must be finite and >= 0 with a positive sum; got {weights}")
     if size <= 0:
         raise ValueError(f"the draft vocabulary size must be > 0; got {size}")
     vocab_size = read_config(path).vocab_size
@@ -823,7 +823,8 @@ def build_draft_vocab(path, size, files, weights=None):
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the text file {file} (UTF-8 expected): {e}") from e
     # a tokenizer id the model has no row for could not be drafted anyway
-    ids = [i for i in rank_tokens(counts, weights) if i < vocab_size][:size]
+    eligible = [i for i in rank_tokens(counts, weights) if i < vocab_size]      # seen, in a text weighed > 0
+    ids = eligible[:size]
     if not ids:
         raise ValueError(f"the text files {list(map(str, files))} hold no tokens")
     tokens = [sum(c.values()) for c in counts]
@@ -832,8 +833,7 @@ def build_draft_vocab(path, size, files, weights=None):
     texts = [dict(file=os.path.basename(file), tokens=n, share=round(share, 4),
                   covered=round(sum(c[i] for i in kept) / max(n, 1), 4))
              for file, c, n, share in zip(files, counts, tokens, shares)]
-    return dict(vocab_size=vocab_size, size=len(ids), distinct_ids_seen=len(set().union(*counts)), texts=texts,
-                ids=ids)
+    return dict(vocab_size=vocab_size, size=len(ids), distinct_ids_seen=len(eligible), texts=texts, ids=ids)
 
 
 def read_draft_vocab(file, vocab_size):
@@ -850,10 +850,10 @@ def read_draft_vocab(file, vocab_size):
                          f"{vocab_size}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in doc["ids"]):
         raise ValueError(f"{file}: \"ids\" must hold integer token ids only")
-    ids = torch.tensor(doc["ids"], dtype=torch.long)
     try:
+        ids = torch.tensor(doc["ids"], dtype=torch.long)
         check_draft_vocab(ids, vocab_size)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:              # RuntimeError: an id past int64 ("Overflow ...")
         raise ValueError(f"{file}: {e}") from e
     return ids
 

@@ -197,6 +197,12 @@ def test_build_draft_vocab_from_two_languages(real_vocab, tmp_path):
     assert chinese(pooled["ids"][:8]) == 0 and 3 <= chinese(weighted["ids"][:8]) <= 5
     with pytest.raises(ValueError, match=r"1 weight\(s\) for 2 text file\(s\)"):
         build_draft_vocab(real_vocab.path, 8, files, [1])
+    for bad in ([float("nan"), 1], [float("inf"), 1], [-1, 2], [0, 0]):    # nan once dropped all of en.txt
+        with pytest.raises(ValueError, match="weights must be finite and >= 0 with a positive sum"):
+            build_draft_vocab(real_vocab.path, 8, files, bad)
+    english = build_draft_vocab(real_vocab.path, 10 ** 6, files, [1, 0])   # the ids a weight of 0 leaves out
+    assert english["ids"] == build_draft_vocab(real_vocab.path, 10 ** 6, files[:1])["ids"]
+    assert english["size"] == english["distinct_ids_seen"] < weighted["distinct_ids_seen"]
     file = tmp_path / "draft_vocab.json"
     file.write_text(json.dumps(weighted))
     assert read_draft_vocab(file, 248320).tolist() == weighted["ids"]
@@ -205,6 +211,9 @@ def test_build_draft_vocab_from_two_languages(real_vocab, tmp_path):
         read_draft_vocab(file, 248320)
     with pytest.raises(ValueError, match="was built for a vocabulary of 248320 ids; this model has 256"):
         read_draft_vocab(file, 256)
+    file.write_text('{"vocab_size": 248320, "ids": [5, %d]}' % 2 ** 63)
+    with pytest.raises(ValueError, match="draft_vocab.json: Overflow"):
+        read_draft_vocab(file, 248320)
 
 
 @pytest.mark.subprocess
