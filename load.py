@@ -906,7 +906,8 @@ def main(argv=None):
                         help="auto = as stored")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding steps (CUDA graphs on "
-                        "a GPU; see fast.py): the first steps take a while, then each step costs less")
+                        "a GPU) and each decoder layer for the prompt (see fast.py): the first steps take a while, "
+                        "then each step costs less")
     parser.add_argument("--seed", type=int, help="seed for sampling")
     args = parser.parse_args(argv)
     fail = lambda e: parser.exit(2, f"{parser.prog}: error: {e}\n")   # one line, no traceback

@@ -1,7 +1,7 @@
 """
 Train Qwen3.5 with its MTP head: the demo from scratch, or a real checkpoint on your own text.
 
-    python train.py                    # the demo: a small Qwen3.5 + MTP from scratch (3-5 min on 2 CPU cores)
+    python train.py                    # the demo: a small Qwen3.5 + MTP from scratch (3-6 min on 2 CPU cores)
     python train.py --init Qwen3.5-0.8B --data notes/ --freeze-backbone --out runs/head
     torchrun --nproc-per-node 4 train.py --init Qwen3.5-0.8B --data notes/ --out runs/all
 
