@@ -115,6 +115,8 @@ def build_oracle(spec):
     hf.config.num_mtp_layers = 1
     hf.config.mtp_layer_types = ["full_attention"]
     mtp = MtpModel(hf, 1).eval()
+    # MtpModel takes its norm class from the last layer's first "norm": right while that layer is full attention
+    assert type(mtp.layers[0].enorm) is type(hf.model.norm)
     with torch.no_grad():   # MtpModel leaves a MoE block's router at zero and its experts uninitialised
         for name, p in mtp.named_parameters():
             if name.endswith(("mlp.gate.weight", "experts.gate_up_proj", "experts.down_proj")):

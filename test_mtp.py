@@ -36,7 +36,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+from transformers import (Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForCausalLM,
+                          Qwen3_5MoeForConditionalGeneration, Qwen3_5TextConfig)
+from transformers.modeling_layers import MtpModel
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5RMSNormGated
 
 import load
 import qwen35_mtp
@@ -332,8 +335,41 @@ def test_hidden_states_match_oracle(name, index, tmp_path_factory):
         assert_close(c.out.hidden, theirs[L], f"{name} .hidden")
 
 
+def test_norms_round_in_bf16_as_transformers_does():
+    """Where a norm computes in fp32 and where it rounds back is invisible to fp32 parity and lost in a
+    whole bf16 model's noise (0.015 against transformers' logits either way); norm by norm it is exact:
+    on bf16 input, with bf16 weights away from their initial values, each equals transformers' bit for bit."""
+    torch.manual_seed(0)
+    x, z = 3 * torch.randn(2, 3, 64, dtype=torch.bfloat16), torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    for ours, theirs, inputs in [(qwen35_mtp.RMSNorm(64), Qwen3_5RMSNorm(64), (x,)),
+                                 (qwen35_mtp.GatedRMSNorm(64), Qwen3_5RMSNormGated(64), (x, z))]:
+        with torch.no_grad():
+            theirs.weight.normal_(0.5, 0.5)
+            ours.weight.copy_(theirs.weight)
+        ours, theirs = ours.bfloat16(), theirs.bfloat16()
+        assert torch.equal(ours(*inputs), theirs(*inputs)), type(ours).__name__
+
+
 # ==============================================================================================
 # 6. Broken checkpoints and loader behaviour
+
+def test_transformers_reads_the_test_checkpoints_as_written(case):
+    """The checkpoints these tests write are what transformers reads: its loader (which only warns, and
+    starts a weight it misses at random) reports no missing, unexpected or mismatched key, and every
+    tensor equals the oracle's in memory; MtpModel.from_pretrained (transformers' own renames of mtp.*)
+    reads the oracle's MTP head. A key written and read under the same wrong name here cannot pass."""
+    official, moe = case.spec["layout"] == "official", case.spec["moe"]
+    causal = Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM
+    vl = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
+    model, info = (vl if official else causal).from_pretrained(case.path, output_loading_info=True)
+    assert not any(info.values()), info
+    theirs, oracle = dict(model.named_parameters()), dict((case.vl if official else case.hf).named_parameters())
+    assert theirs.keys() == oracle.keys() and all(torch.equal(theirs[k], oracle[k]) for k in oracle)
+    main = causal.from_pretrained(case.path)      # MtpModel over a VL model cannot read per-expert mtp.*
+    main.config.num_mtp_layers, main.config.mtp_layer_types = 1, ["full_attention"]
+    mtp = dict(MtpModel.from_pretrained(main).named_parameters())
+    assert all(torch.equal(mtp[name], p) for name, p in case.mtp.named_parameters() if name.startswith("layers."))
+
 
 def corrupt(base, tmp_path, edit_tensors=None, edit_config=None):
     """A copy of an official-layout checkpoint with its tensors and/or config edited."""
