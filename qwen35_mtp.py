@@ -632,8 +632,8 @@ class Cache:
     """Decoding state of a stack of layers (the backbone or the MTP head), for up to `capacity` tokens
     per row: one KVCache or DeltaNetCache per layer, `valid` [B, capacity], which slots hold real
     tokens (False: padding, or not written yet), `length`, how many slots are used (`next_slot` [1]
-    holds the same on the device), and `rope_deltas` [B, 1], set by a prompt with images: later
-    positions are the counted ones + rope_deltas.
+    holds the same on the device), and `rope_deltas` [B, 1], set by a prompt with images (zeros after
+    text): later positions are the counted ones + rope_deltas.
 
     Feeding T tokens takes two calls: `begin_step` (the host's bookkeeping: room, length, buffers) and
     `step` (the step's tensors: slots, positions, mask), so that a compiled decoding step can be one
@@ -642,10 +642,9 @@ class Cache:
     def __init__(self, layer_types, capacity):
         self.capacity = capacity
         self.layers = [DeltaNetCache() if t == "linear_attention" else KVCache(capacity) for t in layer_types]
-        self.valid = self.next_slot = None
+        self.valid = self.next_slot = self.rope_deltas = None
         self.length = 0
         self.first_step = True
-        self.rope_deltas = None
 
     def __len__(self):
         return self.length
@@ -659,6 +658,7 @@ class Cache:
         if self.valid is None:
             self.valid = cache_buffer((B, self.capacity), torch.bool, device)
             self.next_slot = cache_buffer((1,), torch.long, device)
+            self.rope_deltas = cache_buffer((B, 1), torch.long, device)
         if rollback and not self.first_step:
             for layer in self.layers:
                 layer.reserve_undo(T)
@@ -676,13 +676,13 @@ class Cache:
             # the next token goes where mrope_positions puts text after the last one: its position + 1
             # after text, start + max(h, w) after an image token (its row and column axes; not its frame,
             # which can run past that when an image has more frames than rows and columns)
-            self.rope_deltas = positions[1:, :, -1:].amax(0) - counted[:, -1:]
-        elif self.rope_deltas is not None:
+            self.rope_deltas.copy_(positions[1:, :, -1:].amax(0) - counted[:, -1:])
+        else:       # text and image prompts alike, so that a compiled step has one graph for both
             positions = counted + self.rope_deltas
         if self.first_step:
             step = make_step(valid, config, dtype, positions)
         else:       # a padding mask even if all are real: a decoding step's graph never asks the data
-            cos, sin = rotary_cos_sin(counted if positions is None else positions, config, dtype)
+            cos, sin = rotary_cos_sin(positions, config, dtype)
             step = Step(cos, sin, attn_mask=attention_mask(self.valid, slots), over_cache=True,
                         pad_mask=valid[..., None].to(dtype))
         step.slots, step.rollback = slots, rollback

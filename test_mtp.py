@@ -1238,6 +1238,35 @@ def test_compiled_decoding_compiles_every_step_length(one_thread, compiled_globa
     assert counters["frames"]["total"] == counters["frames"]["ok"] > 8, dict(counters["frames"])
 
 
+def test_compiled_decoding_after_images_reuses_the_text_graphs(one_thread, compiled_globals):
+    """Decoding after a prompt with an image replays the graphs decoding after text compiled (the rope
+    deltas are a cache buffer, zeros after text): none new for its decode, verify and draft steps. Each
+    kind of step otherwise doubled, and mixed text and image calls with many drafts ran past torch's
+    recompile limit, past which new steps run eager (on a GPU: no CUDA graph). Prompts of 20 tokens, so
+    that their own steps stay eager; tokens as eager decoding's."""
+    from torch._dynamo.utils import counters
+    from fast import compile_decoding
+    vision = qwen35_mtp.VisionConfig(out_hidden_size=64, depth=1, hidden_size=32, intermediate_size=64,
+                                     num_heads=2, num_position_embeddings=25)
+    model = tiny_model(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], vision=vision,
+                       image_token_id=120, vision_start_token_id=122, vision_end_token_id=123,
+                       mrope_section=(2, 1, 1), seed=3)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, 100, (1, 20), generator=g)
+    image = torch.cat([torch.tensor([[5, 122] + [120] * 4 + [123]]), text[:, 7:]], 1)     # one image of 2 x 2
+    images = dict(pixel_values=torch.randn(16, 3 * 2 * 16 * 16, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]]))
+    calls = [(text, {}), (image, images)]
+    expected = [generate(model, prompt, 12, draft_tokens=2, **kw)[0] for prompt, kw in calls]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoding(model, backend="eager")
+    graphs = []
+    for (prompt, kw), tokens in zip(calls, expected):
+        assert torch.equal(generate(model, prompt, 12, draft_tokens=2, **kw)[0], tokens)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 4 and graphs[1] == graphs[0], graphs
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
