@@ -234,8 +234,11 @@ class KVCache:
     def write(self, k, v, slots):
         """k, v [B, kv_heads, T, head_dim] into slots [T]; returns the whole buffers."""
         if self.k is None:
+            # two calls, not a generator expression: compiled (fast.py), an allocation is a graph break,
+            # which inside a generator would leave the whole step eager
             B, kv_heads, _, D = k.shape
-            self.k, self.v = (cache_buffer((B, kv_heads, self.capacity, D), t.dtype, t.device) for t in (k, v))
+            self.k = cache_buffer((B, kv_heads, self.capacity, D), k.dtype, k.device)
+            self.v = cache_buffer((B, kv_heads, self.capacity, D), v.dtype, v.device)
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         return self.k, self.v

@@ -1215,7 +1215,8 @@ def test_compiled_steps_can_replay_as_cuda_graphs(one_thread, compiled_globals, 
         with torch.no_grad():
             model.model(prompt, None, cache)
             model.model(prompt[:, :3], None, cache, rollback=True)
-        held = [cache.valid, cache.next_slot] + [v for layer in cache.layers for v in vars(layer).values()]
+        held = [cache.valid, cache.next_slot, cache.rope_deltas] + [v for layer in cache.layers
+                                                                    for v in vars(layer).values()]
         addresses.append([t.data_ptr() for v in held for t in (v if isinstance(v, tuple) else [v])
                           if torch.is_tensor(t)])
         del cache, held                  # the pool hands a buffer on once no tensor over it is left
@@ -1236,6 +1237,23 @@ def test_compiled_decoding_compiles_every_step_length(one_thread, compiled_globa
     compile_decoding(model, backend="eager")
     assert torch.equal(generate(model, prompt, 24, draft_tokens=8)[0], expected)
     assert counters["frames"]["total"] == counters["frames"]["ok"] > 8, dict(counters["frames"])
+
+
+def test_compiled_prompt_step_stays_compiled_where_caches_allocate(one_thread, compiled_globals):
+    """Compiled as speed_up(compile=True) does (compile_long_steps and compile_decoding), a prompt's step
+    takes its caches' buffers from the pool (a graph break) and stays compiled around it: no frame left
+    eager whole (an allocation inside a generator expression did that to each attention layer's prompt
+    step). Tokens as eager decoding's."""
+    from torch._dynamo.utils import counters
+    from fast import compile_decoding, compile_long_steps
+    model = tiny_model(num_hidden_layers=1, layer_types=["full_attention"])
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(25))
+    expected = generate(model, prompt, 1)[0]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_long_steps(compile_decoding(model, backend="eager"), backend="eager")
+    assert torch.equal(generate(model, prompt, 1)[0], expected)
+    assert counters["frames"]["total"] == counters["frames"]["ok"] > 0, dict(counters["frames"])
 
 
 def test_compiled_decoding_after_images_reuses_the_text_graphs(one_thread, compiled_globals):
