@@ -43,9 +43,10 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5
 
 import load
 import qwen35_mtp
-from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, MOE_CASE, REPO, T_LONG, TINY, TOL, agreeing_model,
-                      all_tensors, assert_close, finish, get_case, max_diff, mtp_key, new_file_mode, oracle_mtp_logits,
-                      run_cli, start_cli, tiny_model, write_checkpoint, write_word_tokenizer)
+from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, IMAGE, MOE_CASE, REPO, T_LONG, TINY, TOL, VISION_END,
+                      VISION_START, agreeing_model, all_tensors, assert_close, finish, get_case, max_diff, mtp_key,
+                      new_file_mode, oracle_mtp_logits, run_cli, start_cli, tiny_model, write_checkpoint,
+                      write_word_tokenizer)
 from fast import speed_up
 from load import (checkpoint_model, checkpoint_tensors, config_from_hf, load_checkpoint, prompt_codec,
                   save_checkpoint)
@@ -1267,11 +1268,11 @@ def test_compiled_decoding_after_images_reuses_the_text_graphs(one_thread, compi
     vision = qwen35_mtp.VisionConfig(out_hidden_size=64, depth=1, hidden_size=32, intermediate_size=64,
                                      num_heads=2, num_position_embeddings=25)
     model = tiny_model(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], vision=vision,
-                       image_token_id=120, vision_start_token_id=122, vision_end_token_id=123,
+                       image_token_id=IMAGE, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
                        mrope_section=(2, 1, 1), seed=3)
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, 100, (1, 20), generator=g)
-    image = torch.cat([torch.tensor([[5, 122] + [120] * 4 + [123]]), text[:, 7:]], 1)     # one image of 2 x 2
+    image = torch.cat([torch.tensor([[5, VISION_START] + [IMAGE] * 4 + [VISION_END]]), text[:, 7:]], 1)  # 2 x 2
     images = dict(pixel_values=torch.randn(16, 3 * 2 * 16 * 16, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]]))
     calls = [(text, {}), (image, images)]
     expected = [generate(model, prompt, 12, draft_tokens=2, **kw)[0] for prompt, kw in calls]
