@@ -59,6 +59,7 @@ from qwen35_mtp import LAYER_TYPES, Qwen35, Qwen35Config, VisionConfig, check_dr
 #     experts.{e}.up_proj.weight   [I, H]  ->  experts.gate_up_proj[e, I:]
 #     experts.{e}.down_proj.weight [H, I]  ->  experts.down_proj[e]
 PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+INDEX = "model.safetensors.index.json"        # a sharded checkpoint's map from tensor names to files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def read_json(file):
 
 def checkpoint_files(path):
     """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, INDEX)
     if os.path.exists(index):
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -203,7 +204,7 @@ def checkpoint_files(path):
         return files
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
-        raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+        raise FileNotFoundError(f"{path} holds neither model.safetensors nor {INDEX}")
     return [single]
 
 
@@ -226,11 +227,11 @@ def open_safetensors(file, device):
         raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
-def checkpoint_keys(files, device):
+def checkpoint_keys(files):
     """{key: file} over all files, reading headers only."""
     owner = {}
     for file in files:
-        with open_safetensors(file, device) as f:
+        with open_safetensors(file, "cpu") as f:
             for key in f.keys():
                 if key in owner:
                     raise ValueError(f"tensor {key} appears twice: in {owner[key]} and {file}")
@@ -250,7 +251,7 @@ def checkpoint_model(path) -> Qwen35:
     """The model a checkpoint directory describes, on the meta device (no memory yet): its config.json,
     with the MTP head and the vision tower that the files hold. checkpoint_tensors reads its weights."""
     config = read_config(path)
-    keys = checkpoint_keys(checkpoint_files(path), "cpu")
+    keys = checkpoint_keys(checkpoint_files(path))
     # The MTP head is whatever the files hold: transformers re-saves keep mtp_num_hidden_layers in
     # config.json but drop the mtp.* tensors. So is the vision tower (a CausalLM re-save has none).
     has_tower = any(key.startswith("model.visual.") for key in keys)
@@ -263,9 +264,16 @@ def checkpoint_model(path) -> Qwen35:
         return Qwen35(config)
 
 
-def fused_name(match):
-    """The fused expert parameter a PER_EXPERT match belongs to."""
-    return f"{match.group(1)}.{'down_proj' if match.group(3) == 'down_proj' else 'gate_up_proj'}"
+def feeds(key, tied):
+    """What checkpoint tensor `key` holds, by the loader's mapping: (parameter name, None) for a whole
+    parameter, (fused parameter name, (expert, part)) for one expert's slice (see PER_EXPERT)."""
+    name = model_name(key)
+    if name == "lm_head.weight" and tied:
+        return "model.embed_tokens.weight", None         # a tied head stored anyway: the embedding again
+    if m := PER_EXPERT.match(name):
+        prefix, expert, part = m.groups()
+        return f"{prefix}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}", (int(expert), part)
+    return name, None
 
 
 def expert_part(fused, e, part):
@@ -293,21 +301,21 @@ def plan_reads(path, files, model):
     slice of a fused one), {fused parameter: how many slices it takes}, and the (key, file) of a tied
     lm_head, which must equal embed_tokens (compared when read)."""
     expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
+    tied = model.config.tie_word_embeddings
     plan, seen, unexpected, tied_head = {}, {}, [], None
     for file in files:
         plan[file] = []
         with open_safetensors(file, "cpu") as f:
             for key in f.keys():
                 header = f.get_slice(key)
-                name, part, shape = model_name(key), None, tuple(header.get_shape())
+                shape = tuple(header.get_shape())
                 if (stored := header.get_dtype()) not in FLOAT_TYPES:
                     raise ValueError(f"{file}: tensor {key} is stored as {stored}; expected one of "
                                      f"{', '.join(FLOAT_TYPES)} (quantized checkpoints are not supported)")
-                if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                if model_name(key) == "lm_head.weight" and tied:
                     tied_head = (key, file)
                     continue
-                if m := PER_EXPERT.match(name):
-                    name, part = fused_name(m), (int(m.group(2)), m.group(3))
+                name, part = feeds(key, tied)
                 if name not in expected:
                     unexpected.append(key)
                     continue
@@ -440,17 +448,6 @@ def save_checkpoint(model, directory):
     write_safetensors(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
 
 
-def feeds(key, tied):
-    """What checkpoint tensor `key` holds, by the loader's mapping: (parameter name, None) for a whole
-    parameter, (fused parameter name, (expert, part)) for one expert's slice."""
-    name = model_name(key)
-    if name == "lm_head.weight" and tied:
-        return "model.embed_tokens.weight", None         # a tied head stored anyway: the embedding again
-    if m := PER_EXPERT.match(name):
-        return fused_name(m), (int(m.group(2)), m.group(3))
-    return name, None
-
-
 def official_mtp_tensors(params, dtype):
     """`mtp.*` parameters {name: tensor} under official checkpoint keys: top level, experts per expert."""
     out = {}
@@ -465,7 +462,6 @@ def official_mtp_tensors(params, dtype):
     return {key: value.detach().to(dtype).contiguous() for key, value in out.items()}
 
 
-INDEX = "model.safetensors.index.json"
 MTP_SHARD = "model-mtp.safetensors"          # where an added MTP head goes in a sharded checkpoint
 
 
@@ -659,6 +655,10 @@ def image_prompt(grids, config):
 # ----------------------------------------------------------------------------------------------
 # Command line: generate text from a prompt (optionally with MTP drafts), or describe a checkpoint
 
+def count(n):
+    return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f}M)"
+
+
 def describe(path):
     """What a checkpoint holds, from config.json and the safetensors headers only (no weights read)."""
     c = read_config(path)
@@ -704,10 +704,6 @@ def describe(path):
         f"parameters: main model {count(params(main))}, MTP head {count(params(mtp))}, vision tower "
         f"{count(params(visual))}",
     ])
-
-
-def count(n):
-    return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.2f}M)"
 
 
 def read_tokenizer(path, vocab_size):
@@ -866,6 +862,11 @@ def describe_draft_vocab(doc, file):
     return "\n".join(lines)
 
 
+def acceptance_by_position(stats):
+    """generate's stats as text: the share of drafts accepted at each draft position, e.g. "0.81 0.62"."""
+    return " ".join(f"{a / max(d, 1):.2f}" for a, d in zip(stats["accepted_at"], stats["drafted_at"]))
+
+
 def check_device(device):
     """A device torch can allocate on here, else one line naming it (not an error from deep in loading)."""
     try:
@@ -981,9 +982,8 @@ def main(argv=None):
     summary = f"{len(generated)} new tokens in {seconds:.2f} s, {len(generated) / seconds:.1f} tokens/s"
     if args.draft_tokens:
         rate = stats["accepted"] / max(stats["drafted"], 1)
-        per_position = " ".join(f"{a / max(d, 1):.2f}" for a, d in zip(stats["accepted_at"], stats["drafted_at"]))
         summary += (f"; MTP drafts: {stats['drafted']} drafted, {stats['accepted']} accepted ({rate:.0%}), "
-                    f"acceptance per draft position {per_position}")
+                    f"acceptance per draft position {acceptance_by_position(stats)}")
     print(summary, file=sys.stderr)
 
 

@@ -79,17 +79,15 @@ def bpe(ranks, word):
 
 
 def derive_merges(ranks):
-    """One merge per multi-byte token in rank order (= priority), and the tokens BPE does not reach
-    from their own bytes (it stops at 3 or more pieces), which get none."""
-    merges, unreachable = [], []
+    """One merge per multi-byte token in rank order (= priority). The tokens BPE does not reach from
+    their own bytes (it stops at 3 or more pieces) get none."""
+    merges = []
     for token, _ in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) > 1:
             parts, last = bpe(ranks, token)
             if len(parts) == 1:
                 merges.append(last)
-            else:
-                unreachable.append(token)
-    return merges, unreachable
+    return merges
 
 
 def byte_to_unicode():
@@ -103,7 +101,7 @@ def byte_to_unicode():
 def tokenizer_json():
     """The text of tokenizer.json: NFC (the package normalises too), the split regex, byte-level BPE."""
     ranks = load_ranks()
-    merges, _ = derive_merges(ranks)
+    merges = derive_merges(ranks)
     b2u = byte_to_unicode()
     show = lambda token: "".join(b2u[b] for b in token)
     added = [dict(id=i, content=text, single_word=False, lstrip=False, rstrip=False, normalized=False,
