@@ -67,8 +67,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from fast import compile_long_steps, speed_up
-from load import (checkpoint_model, checkpoint_tensors, read_config, read_tokenizer, save_checkpoint, save_updated,
-                  updated_files)
+from load import (acceptance_by_position, checkpoint_model, checkpoint_tensors, read_config, read_tokenizer,
+                  save_checkpoint, save_updated, updated_files)
 from qwen35_mtp import MTPHead, Qwen35, Qwen35Config, generate, loss_targets, mtp_mean
 
 
@@ -366,16 +366,15 @@ def log_step(log, step, steps, terms, tokens_per_s, eta_s):
     return row
 
 
-def acceptance_counts(out, valid=None):
+def acceptance_counts(out):
     """Per depth d: (agreements, positions) between the depth-d head's argmax for token t+d+1 (its row t)
-    and the main model's argmax for the same token (its row t+d), over rows where both tokens are real."""
+    and the main model's argmax for the same token (its row t+d), over every such pair of rows."""
     predictions = out.predictions or [l.argmax(-1) for l in [out.logits] + out.mtp_logits_per_depth]
     main = predictions[0]                                          # [B, T]: row j predicts token j+1
     counts = []
     for d, heads in enumerate(predictions[1:], start=1):
         agree = heads == main[:, d:]                               # [B, T-d]
-        rows = torch.ones_like(agree) if valid is None else valid[:, :-d] & valid[:, d:]
-        counts.append(((agree & rows).sum().item(), rows.sum().item()))
+        counts.append((agree.sum().item(), agree.numel()))
     return counts
 
 
@@ -630,7 +629,7 @@ def setup_run(args, world, device, log):
         raise FileNotFoundError(f"--resume {args.resume}: not found, but {args.resume}.previous is (a save was "
                                 "interrupted between two renames): rename it back")
     config = read_config(source)
-    encode, eos, tokenizer = text_encoder(source, config)
+    encode, eos, tokenizer_file = text_encoder(source, config)
     documents = read_documents(data_files(args.data) if args.data else stdlib_files())
     if len(documents) < 2:
         raise ValueError("--data holds one document; at least two are needed, as some are held out for "
@@ -646,7 +645,7 @@ def setup_run(args, world, device, log):
     check_out(args.out, args.overwrite, args.resume)
     log(f"data: {len(documents):,} documents, {len(train_ids):,} training tokens ({len(train_windows):,} windows "
         f"of {args.seq_len}), {len(held_ids):,} held-out tokens (one document in {every}; {n} windows evaluated); "
-        f"tokenizer {tokenizer}, end of text {eos}")
+        f"tokenizer {tokenizer_file}, end of text {eos}")
 
     torch.manual_seed(args.seed)            # a fresh MTP head starts the same in every process
     model = checkpoint_model(source)        # no memory yet: each process gets its weights once sharded
@@ -742,17 +741,15 @@ def timed_generate(model, prompt, new_tokens, runs=3, **options):
 
 
 def describe_drafting(stats):
-    per_position = [a / max(d, 1) for a, d in zip(stats["accepted_at"], stats["drafted_at"])]
-    return ("acceptance per draft position " + " ".join(f"{r:.2f}" for r in per_position)
-            + f"; {stats['accepted'] / max(stats['main_forwards'], 1):.2f} drafts accepted per verification")
+    return (f"acceptance per draft position {acceptance_by_position(stats)}; "
+            f"{stats['accepted'] / max(stats['main_forwards'], 1):.2f} drafts accepted per verification")
 
 
 def compare_decoding(model, prompt, new_tokens, draft_counts=(1, 2, 3), sampled_draft_tokens=2, log=print):
     """Greedy-decode the same prompt plainly and with k MTP drafts; check the outputs agree and report
     acceptance and speed; then one sampled run (temperature 0.8, seed 0) with and without drafts.
-    Returns ({k: (tokens per second, stats)} with k = 0 for plain, the plain greedy ids)."""
+    Returns the plain greedy ids."""
     plain, plain_speed, _ = timed_generate(model, prompt, new_tokens)
-    results = {0: (plain_speed, None)}
     log(f"plain greedy: {plain_speed:.1f} tokens/s")
     for k in draft_counts:
         ids, speed, stats = timed_generate(model, prompt, new_tokens, draft_tokens=k)
@@ -760,14 +757,13 @@ def compare_decoding(model, prompt, new_tokens, draft_counts=(1, 2, 3), sampled_
             raise AssertionError(f"speculative decoding with k={k} changed the output")
         log(f"k={k}: identical output; {describe_drafting(stats)}; {speed:.1f} tokens/s, "
             f"speedup {speed / plain_speed:.2f}x")
-        results[k] = (speed, stats)
     sampled = dict(temperature=0.8, seed=0)
     _, sampled_plain, _ = timed_generate(model, prompt, new_tokens, **sampled)
     k = sampled_draft_tokens
     _, speed, stats = timed_generate(model, prompt, new_tokens, draft_tokens=k, **sampled)
     log(f"sampled (temperature 0.8, seed 0), k={k}: {describe_drafting(stats)}; {speed:.1f} tokens/s, "
         f"plain sampling {sampled_plain:.1f} tokens/s, speedup {speed / sampled_plain:.2f}x")
-    return results, plain
+    return plain
 
 
 def demo_prompt(held_out, length=200):
@@ -801,7 +797,7 @@ def demo(args):
     print(f"saved {args.out}/config.json and model.safetensors")
     prompt = demo_prompt(held_out)
     print(f"prompt (held-out): {bytes(prompt[0].tolist()).decode(errors='replace')!r}")
-    _, ids = compare_decoding(model, prompt, args.new_tokens)
+    ids = compare_decoding(model, prompt, args.new_tokens)
     print("continuation:\n" + bytes(ids[0, prompt.shape[1]:].tolist()).decode(errors="replace"))
 
 
