@@ -47,7 +47,7 @@ from transformers import Qwen3_5ForCausalLM
 from transformers.modeling_layers import MtpModel
 
 from fast import compile_decoding, compile_long_steps, speed_up
-from load import count_tokens, load_checkpoint, rank_tokens, read_config, save_checkpoint
+from load import acceptance_by_position, count_tokens, load_checkpoint, rank_tokens, read_config, save_checkpoint
 from qwen35_mtp import Cache, Qwen35, Qwen35Config, Sampling, draft, draft_head, generate
 from train import demo_config, demo_prompt, stdlib_corpus
 
@@ -74,13 +74,18 @@ def report(section, what, ours, theirs=None, unit="", better="lower"):
     print(f"  {what:44s} {ours:10.2f} {theirs_text}  {unit:9s} {ratio_text}", flush=True)
 
 
-def median_time(fn, runs, warmup=1):
+def median_time(fn, runs, warmup=1, device="cpu"):
+    """Median seconds of fn() over `runs` calls after `warmup` untimed ones; on a GPU, synchronised
+    around each run (its kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -418,8 +423,8 @@ def speculative_demo(quick):
         ids, stats = generate(model, prompt, n, draft_tokens=k)
         assert torch.equal(ids, plain_ids), f"k={k} changed the output"
         speed = n / median_time(lambda: generate(model, prompt, n, draft_tokens=k), runs)
-        per_position = " ".join(f"{a / max(d, 1):.2f}" for a, d in zip(stats["accepted_at"], stats["drafted_at"]))
-        report("spec", f"k={k} (acceptance by position {per_position})", speed, unit="tokens/s", better="higher")
+        report("spec", f"k={k} (acceptance by position {acceptance_by_position(stats)})", speed, unit="tokens/s",
+               better="higher")
         report("spec", "  speedup over plain, identical output", speed / plain_speed, unit="x", better="higher")
 
 
@@ -547,21 +552,6 @@ def speculative_08b(path_08b, quick, coverage):
 GPU_VARIANTS = ("ours+fast", "hf+fla", "hf", "ours")          # in this order: the most telling first
 
 
-def device_time(fn, device, runs, warmup=2):
-    """Median seconds of fn(), synchronising the GPU around each run."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def peak_memory(fn, device):
     """Peak GPU memory (GB) allocated while fn() runs (None off the GPU)."""
     if device != "cuda":
@@ -586,6 +576,32 @@ class FiguresFile(dict):
         super().__setitem__(name, value)
         with open(self.path, "w") as f:
             json.dump(self, f)
+
+
+def mtp_costs(model, quick, device, context, capacity):
+    """A draft (over all ids, over the first 32768) and a verification of k+1 tokens (k = 1, 2), in plain
+    decode steps after `context` tokens, and the speedups they project (as speculative_08b does). The
+    caches have the decode figure's capacity, so that compiled steps of that shape are reused."""
+    V = model.config.vocab_size
+    runs, costs = (3 if quick else 9), {}
+    plain_step, verify_step, draft_step = drafting_steps(model, device, context, capacity)
+    with torch.no_grad():
+        plain = median_time(plain_step, runs, warmup=2, device=device)
+        verify = {k: median_time(lambda k=k: verify_step(k + 1), runs, warmup=2, device=device) / plain
+                  for k in (1, 2)}
+        drafts = {"all ids": draft_head(model, None, None),         # projected as if the text lay within them:
+                  "first 32768 ids": draft_head(model, None, min(32768, V))}     # spec08 weighs in coverage
+        drafts = {name: median_time(lambda h=head: draft_step(h), runs, warmup=2, device=device) / plain
+                  for name, head in drafts.items()}
+    costs["MTP: plain decode step, ms"] = plain * 1e3
+    costs.update({f"MTP: verify k={k} ({k + 1} tokens) / plain step": v for k, v in verify.items()})
+    costs.update({f"MTP: one draft, {name} / plain step": v for name, v in drafts.items()})
+    for name, cost in drafts.items():
+        for k in (1, 2):
+            for alpha in (0.65, 0.8, 0.9):
+                costs[f"MTP: projected speedup k={k}, acceptance {alpha}, {name}"] = \
+                    project_speedup(alpha, k, verify[k], cost)
+    return costs
 
 
 def gpu_figures(variant, path, quick, device, figures):
@@ -614,19 +630,19 @@ def gpu_figures(variant, path, quick, device, figures):
     # decoding first: the most telling figure (a variant stopped at its time limit keeps what it measured)
     with torch.no_grad():
         x, n = ids(1, decode_after), 16 if quick else 64
-        figures[f"first generate call of {n + 1} tokens (compiles), s"] = device_time(lambda: decode(x, n + 1),
-                                                                                       device, 1, warmup=0)
-        full, first = (device_time(lambda k=k: decode(x, k), device, 2, warmup=1) for k in (n + 1, 1))
+        figures[f"first generate call of {n + 1} tokens (compiles), s"] = median_time(lambda: decode(x, n + 1), 1,
+                                                                                       warmup=0, device=device)
+        full, first = (median_time(lambda k=k: decode(x, k), 2, warmup=1, device=device) for k in (n + 1, 1))
         figures[f"decode, ms/token after {decode_after}"] = (full - first) / n * 1e3
-        if ours:          # next: the issue's MTP targets; the caches' capacity is decoding's, so are its graphs
+        if ours:          # next: the MTP figures; the caches' capacity is decoding's, so are its graphs
             for name, value in mtp_costs(model, quick, device, decode_after, decode_after + n + 1).items():
                 figures[name] = value
         x = ids(1, lengths[0])
-        once = device_time(lambda: prefill(x), device, 1, warmup=0)         # one timed call: the first
+        once = median_time(lambda: prefill(x), 1, warmup=0, device=device)     # one timed call: the first
         figures[f"first prefill call, T={lengths[0]} (compiles), s"] = once
         for T in lengths:
             x = ids(1, T)
-            figures[f"prefill T={T}, ms"] = device_time(lambda: prefill(x), device, runs) * 1e3
+            figures[f"prefill T={T}, ms"] = median_time(lambda: prefill(x), runs, warmup=2, device=device) * 1e3
     B, T = train_shape
     x = ids(B, T)
     model.requires_grad_(True)
@@ -637,8 +653,8 @@ def gpu_figures(variant, path, quick, device, figures):
             model.zero_grad(set_to_none=True)
         name = f"training step B={B} T={T}{' with the MTP loss' if with_mtp else ''}"
         try:
-            figures[f"{name}, first call (compiles), s"] = device_time(step, device, 1, warmup=0)
-            figures[f"{name}, ms"] = device_time(step, device, runs, warmup=1) * 1e3
+            figures[f"{name}, first call (compiles), s"] = median_time(step, 1, warmup=0, device=device)
+            figures[f"{name}, ms"] = median_time(step, runs, warmup=1, device=device) * 1e3
             figures[f"{name}, peak GB"] = peak_memory(step, device)
         except Exception as e:                                # e.g. a kernel that refuses this GPU
             figures[f"{name}, ms"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
@@ -649,33 +665,9 @@ def gpu_figures(variant, path, quick, device, figures):
             figures["MTP: verify k=2 (3 tokens) / plain step"] + 2 * figures["MTP: one draft, all ids / plain step"]
         run, rounds = drafting_rounds(model, device, decode_after, 2)
         with torch.no_grad():
-            long, short = (device_time(lambda m=m: run(m), device, runs, warmup=1) for m in (n + 1, 1))
+            long, short = (median_time(lambda m=m: run(m), runs, warmup=1, device=device) for m in (n + 1, 1))
         figures["MTP: k=2 round / plain step: generate, measured"] = \
             (long - short) / (rounds[n + 1] - rounds[1]) / plain
-
-
-def mtp_costs(model, quick, device, context, capacity):
-    """A draft (over all ids, over the first 32768) and a verification of k+1 tokens (k = 1, 2), in plain
-    decode steps after `context` tokens, and the speedups they project (as speculative_08b does). The
-    caches have the decode figure's capacity, so that compiled steps of that shape are reused."""
-    V = model.config.vocab_size
-    runs, costs = (3 if quick else 9), {}
-    plain_step, verify_step, draft_step = drafting_steps(model, device, context, capacity)
-    with torch.no_grad():
-        plain = device_time(plain_step, device, runs)
-        verify = {k: device_time(lambda k=k: verify_step(k + 1), device, runs) / plain for k in (1, 2)}
-        drafts = {"all ids": draft_head(model, None, None),         # projected as if the text lay within them:
-                  "first 32768 ids": draft_head(model, None, min(32768, V))}     # spec08 weighs in coverage
-        drafts = {name: device_time(lambda h=head: draft_step(h), device, runs) / plain for name, head in drafts.items()}
-    costs["MTP: plain decode step, ms"] = plain * 1e3
-    costs.update({f"MTP: verify k={k} ({k + 1} tokens) / plain step": v for k, v in verify.items()})
-    costs.update({f"MTP: one draft, {name} / plain step": v for name, v in drafts.items()})
-    for name, cost in drafts.items():
-        for k in (1, 2):
-            for alpha in (0.65, 0.8, 0.9):
-                costs[f"MTP: projected speedup k={k}, acceptance {alpha}, {name}"] = \
-                    project_speedup(alpha, k, verify[k], cost)
-    return costs
 
 
 def gpu_suite(quick, device, time_limit):

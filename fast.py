@@ -179,28 +179,6 @@ class CachePool:
         return handed
 
 
-def compile_decoding(model, **compile_options):
-    """torch.compile the backbone and the MTP head for cached steps of at most RECURRENT_MAX_TOKENS
-    tokens (compile_long_steps does the rest). Each step length compiles once: the step's tensors have
-    the same shapes at every position (KV caches [B, kv_heads, capacity, hd], masks [B, 1, T, capacity],
-    the DeltaNet state written in place), and its slots come from a counter on the device. Only the
-    caches' bookkeeping on the host (Cache.begin_step: lengths, buffers) runs before the graph, so a
-    step is one graph; the buffers come from a CachePool. With CUDA graphs (mode="reduce-overhead")
-    each step is a new graph-tree generation and its outputs are copied out, since the next replay
-    overwrites them."""
-    qwen35_mtp.cache_buffer = torch.compiler.disable(CachePool().take)   # only a first, eager step allocates
-    # a graph per step length and kind (1..RECURRENT_MAX_TOKENS tokens, rollback or not): with 8 drafts
-    # or more, torch's default limit of 8 graphs per function would leave the longer steps eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * RECURRENT_MAX_TOKENS + 8)
-    gather_experts(model)
-    Cache.begin_step = torch.compiler.disable(Cache.begin_step)
-    graphs = compile_options.get("mode") == "reduce-overhead"
-    model.model.forward = _compiled_for_short_steps(model.model.forward, "input_ids", compile_options, graphs)
-    if model.mtp is not None:
-        model.mtp.forward = _compiled_for_short_steps(model.mtp.forward, "next_embeds", compile_options, graphs)
-    return model
-
-
 def with_plain_strides(x):
     """x, or a contiguous copy if it is a view with other strides. A compiled graph is guarded on its
     inputs' strides, even along dimensions of size 1: the last of N rows, x[:, -1:], would otherwise
@@ -232,6 +210,40 @@ def _compiled_for_short_steps(forward, tokens_argument, compile_options, graphs)
     return dispatch
 
 
+def compile_decoding(model, **compile_options):
+    """torch.compile the backbone and the MTP head for cached steps of at most RECURRENT_MAX_TOKENS
+    tokens (compile_long_steps does the rest). Each step length compiles once: the step's tensors have
+    the same shapes at every position (KV caches [B, kv_heads, capacity, hd], masks [B, 1, T, capacity],
+    the DeltaNet state written in place), and its slots come from a counter on the device. Only the
+    caches' bookkeeping on the host (Cache.begin_step: lengths, buffers) runs before the graph, so a
+    step is one graph; the buffers come from a CachePool. With CUDA graphs (mode="reduce-overhead")
+    each step is a new graph-tree generation and its outputs are copied out, since the next replay
+    overwrites them."""
+    qwen35_mtp.cache_buffer = torch.compiler.disable(CachePool().take)   # only a first, eager step allocates
+    # a graph per step length and kind (1..RECURRENT_MAX_TOKENS tokens, rollback or not): with 8 drafts
+    # or more, torch's default limit of 8 graphs per function would leave the longer steps eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * RECURRENT_MAX_TOKENS + 8)
+    gather_experts(model)
+    Cache.begin_step = torch.compiler.disable(Cache.begin_step)
+    graphs = compile_options.get("mode") == "reduce-overhead"
+    model.model.forward = _compiled_for_short_steps(model.model.forward, "input_ids", compile_options, graphs)
+    if model.mtp is not None:
+        model.mtp.forward = _compiled_for_short_steps(model.mtp.forward, "next_embeds", compile_options, graphs)
+    return model
+
+
+def _compiled_for_long_steps(forward, compile_options):
+    forward = getattr(forward, "plain", forward)        # compiled again: from the plain forward
+    compiled = torch.compile(forward, dynamic=True, **compile_options)
+
+    def dispatch(x, step, cache=None):
+        if cache is not None and x.shape[1] <= RECURRENT_MAX_TOKENS:     # decoding: compile_decoding's part
+            return forward(x, step, cache)
+        return compiled(x, step, cache)
+    dispatch.plain = forward
+    return dispatch
+
+
 def compile_long_steps(model, **compile_options):
     """torch.compile each decoder layer for the steps compile_decoding leaves alone: steps without a cache
     (training, scoring) and cached steps of more than RECURRENT_MAX_TOKENS tokens (prefill). One layer at
@@ -250,18 +262,6 @@ def compile_long_steps(model, **compile_options):
         if isinstance(module, DecoderLayer):
             module.forward = _compiled_for_long_steps(module.forward, compile_options)
     return model
-
-
-def _compiled_for_long_steps(forward, compile_options):
-    forward = getattr(forward, "plain", forward)        # compiled again: from the plain forward
-    compiled = torch.compile(forward, dynamic=True, **compile_options)
-
-    def dispatch(x, step, cache=None):
-        if cache is not None and x.shape[1] <= RECURRENT_MAX_TOKENS:     # decoding: compile_decoding's part
-            return forward(x, step, cache)
-        return compiled(x, step, cache)
-    dispatch.plain = forward
-    return dispatch
 
 
 def speed_up(model, compile=False):
