@@ -120,6 +120,12 @@ def random_checkpoint(path, text_config):
     return path
 
 
+def bench_checkpoint(quick):
+    """The random checkpoint the 0.8B-shape figures read (the tiny one with --quick), written once."""
+    return random_checkpoint(os.path.join("runs", "bench", "quick" if quick else "qwen3.5-0.8b-random"),
+                             QUICK if quick else REAL_08B)
+
+
 def non_embedding_params(model):
     return sum(p.numel() for name, p in model.named_parameters()
                if not name.startswith(("model.embed_tokens", "lm_head", "mtp.")))
@@ -673,8 +679,7 @@ def gpu_figures(variant, path, quick, device, figures):
 def gpu_suite(quick, device, time_limit):
     """Run each variant in a fresh process (fla hidden from 'ours' and 'hf'), then print one table."""
     deadline = time.time() + time_limit
-    random_checkpoint(os.path.join("runs", "bench", "quick" if quick else "qwen3.5-0.8b-random"),
-                      QUICK if quick else REAL_08B)                     # the children load it
+    bench_checkpoint(quick)                                              # the children load it
     fla = importlib.util.find_spec("fla") is not None
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, "
           f"fla {'importable' if fla else 'absent'}; bf16, random weights of the "
@@ -732,8 +737,7 @@ def main():
     parser.add_argument("--variant", choices=GPU_VARIANTS, help=argparse.SUPPRESS)   # a child of the GPU suite
     args = parser.parse_args()
     if args.variant:
-        path = os.path.join("runs", "bench", "quick" if args.quick else "qwen3.5-0.8b-random")
-        gpu_figures(args.variant, path, args.quick, args.device, FiguresFile(args.json))
+        gpu_figures(args.variant, bench_checkpoint(args.quick), args.quick, args.device, FiguresFile(args.json))
         return
     if args.device == "cuda" or args.gpu_suite:
         gpu_suite(args.quick, args.device, args.time_limit)
@@ -750,8 +754,7 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs skew the figures)")
     start = time.time()
     if {"prefill", "load", "trainmem", "spec08"} & set(sections):
-        path = random_checkpoint(os.path.join("runs", "bench", "quick" if args.quick else "qwen3.5-0.8b-random"),
-                                 QUICK if args.quick else REAL_08B)
+        path = bench_checkpoint(args.quick)
     if {"machine", "prefill"} & set(sections):
         flops, bandwidth = machine_limits(args.quick)
     if "prefill" in sections:
