@@ -449,7 +449,8 @@ def replaced_atomically(directory, rank=0):
 
 def check_out(out, overwrite, resume=None, replaceable=()):
     """Refuse, unless --overwrite, an --out whose contents a save would replace: files other than
-    `replaceable` (a demo run's own), or the last save of an interrupted run, left in OUT.previous."""
+    `replaceable` (a demo run's own), or the last save of an interrupted run, left in OUT.previous.
+    A run resumed in place (--out is --resume) is the one case where --out may hold a checkpoint."""
     if overwrite or (resume and os.path.exists(out) and os.path.samefile(out, resume)):
         return
     if os.path.exists(out + ".previous") and not os.path.exists(out):
