@@ -877,7 +877,7 @@ def check_device(device):
         raise ValueError("--device meta cannot be used here: it holds no values")
 
 
-def main(argv=None):
+def command_line():
     parser = argparse.ArgumentParser(description="Generate text with a Qwen3.5 checkpoint, optionally "
                                      "drafting with its MTP head, describe what the checkpoint holds, or build "
                                      "a draft vocabulary for it from text.")
@@ -910,6 +910,25 @@ def main(argv=None):
                         "a GPU) and each decoder layer for the prompt (see fast.py): the first steps take a while, "
                         "then each step costs less")
     parser.add_argument("--seed", type=int, help="seed for sampling")
+    return parser
+
+
+def write_draft_vocab(args):
+    """--build-draft-vocab N: count the --text files' tokens, write the N most frequent ids, describe them."""
+    file = args.draft_vocab or os.path.join(args.checkpoint, "draft_vocab.json")
+    if os.path.isdir(file):             # found before the counting, not after
+        raise ValueError(f"--draft-vocab {file} is a directory: give the file to write")
+    doc = build_draft_vocab(args.checkpoint, args.build_draft_vocab, args.text, args.weights)
+    try:
+        with open(file, "w") as f:
+            json.dump(doc, f)
+    except OSError as e:
+        raise ValueError(f"cannot write the draft vocabulary {file}: {e}") from e
+    print(describe_draft_vocab(doc, file))
+
+
+def main(argv=None):
+    parser = command_line()
     args = parser.parse_args(argv)
     fail = lambda e: parser.exit(2, f"{parser.prog}: error: {e}\n")   # one line, no traceback
     for name in ("max_new_tokens", "draft_tokens"):
@@ -925,16 +944,7 @@ def main(argv=None):
             print(describe(args.checkpoint))
             return
         if args.build_draft_vocab is not None:
-            file = args.draft_vocab or os.path.join(args.checkpoint, "draft_vocab.json")
-            if os.path.isdir(file):             # found before the counting, not after
-                raise ValueError(f"--draft-vocab {file} is a directory: give the file to write")
-            doc = build_draft_vocab(args.checkpoint, args.build_draft_vocab, args.text, args.weights)
-            try:
-                with open(file, "w") as f:
-                    json.dump(doc, f)
-            except OSError as e:
-                raise ValueError(f"cannot write the draft vocabulary {file}: {e}") from e
-            print(describe_draft_vocab(doc, file))
+            write_draft_vocab(args)
             return
         check_device(args.device)
         config = read_config(args.checkpoint)                      # check the prompt before loading weights
