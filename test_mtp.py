@@ -818,6 +818,9 @@ def test_draft_among_a_set_of_ids(one_thread):
     assert greedy[0].item() == ids[every[ids].argmax()].item() != every.argmax().item()
     assert torch.allclose(q[ids], every[ids] / every[ids].sum()) and q.sum().item() == pytest.approx(1)
     assert (q[[i for i in range(128) if i not in ids]] == 0).all()
+    with torch.no_grad():         # the first N ids (draft_vocab_size): q is the softmax over them, then zeros
+        _, (q_first,) = first_draft(draft_head(model, None, 64), Sampling(1.0))
+    assert torch.allclose(q_first[:64], every[:64] / every[:64].sum()) and (q_first[64:] == 0).all()
 
 
 @pytest.mark.parametrize("draft_vocab, message", [
@@ -1007,6 +1010,20 @@ def test_speculative_sampling_preserves_distribution(one_thread):
         for position, marginal in ((6, joint.sum(1)), (7, joint.sum(0))):
             counts = torch.bincount(samples[:, position], minlength=V).double()
             assert chi2_statistic(counts, marginal.double()) < critical
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [0.7, 1.6])
+def test_sampling_distribution_is_transformers(temperature, top_p):
+    """token_probs (what pick samples from, and p and q in speculative sampling) is transformers' sampling
+    distribution: the softmax of the logits after TemperatureLogitsWarper and TopPLogitsWarper, the same
+    nucleus on each of 64 rows. The distribution tests above run at temperature 1 and top_p 1 only."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(30)) * 3
+    ours = qwen35_mtp.token_probs(logits, Sampling(temperature, top_p))
+    theirs = F.softmax(TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits)), dim=-1)
+    assert torch.equal(ours > 0, theirs > 0)
+    assert max_diff(ours, theirs) <= 1e-6
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
@@ -1390,6 +1407,12 @@ def test_generate_rejects_bad_input():
         (model, dict(input_ids=prompt, max_new_tokens=4, draft_tokens=True), r"draft_tokens=True: expected an int"),
         (model, dict(input_ids=prompt, max_new_tokens=4, draft_tokens=1, draft_vocab_size=5.0),
          r"draft_vocab_size=5.0: expected an int"),       # it slices the head's weight
+        (model, dict(input_ids=prompt, max_new_tokens=4, attention_mask=torch.tensor([[1, 1, 0]])),
+         "every row's last token must be real"),          # right padding would decode from a padding row
+        (model, dict(input_ids=prompt, max_new_tokens=4, attention_mask=torch.ones(1, 4)),
+         r"attention_mask has shape \(1, 4\), input_ids \(1, 3\)"),
+        (tiny_model(mtp_num_hidden_layers=2), dict(input_ids=prompt, max_new_tokens=4, draft_tokens=1),
+         "drives one MTP layer"),
     ]
     for m, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
