@@ -28,6 +28,8 @@ from conftest import (EVERY_4TH, REPO, all_tensors, build_oracle, build_vl_oracl
                       write_word_tokenizer)
 from load import load_checkpoint
 from qwen35_mtp import linear_cross_entropy
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 PHRASES = ["the cat sat on a mat", "and the dog ran home", "a cat ran on the mat", "the dog sat home"]
 SMALL = ["--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--precision", "fp32", "--log-every", "1",
@@ -227,9 +229,12 @@ def test_micro_batches_share_the_global_token_count(labelled):
     optimizer, scheduler = train.make_optimizer(stepped, 1e-3, 10)
     applied = []
     optimizer.register_step_pre_hook(lambda *_: applied.extend(p.grad.clone() for p in stepped.parameters()))
-    train.train_step(stepped, optimizer, scheduler, ids, labels, train.target_counts(labels, 2), mtp_depth=2,
-                     freeze_backbone=False, micro_batches=3, precision="fp32")
-    whole(ids, labels=labels, mtp_depth=2).loss.backward()
+    terms = train.train_step(stepped, optimizer, scheduler, ids, labels, train.target_counts(labels, 2), mtp_depth=2,
+                             freeze_backbone=False, micro_batches=3, precision="fp32")
+    out = whole(ids, labels=labels, mtp_depth=2)
+    out.loss.backward()
+    # what train.py logs: the whole batch's lm_loss and mtp_losses (NaN for a depth without targets)
+    assert torch.allclose(terms, torch.stack([out.lm_loss, *out.mtp_losses]).detach(), rtol=1e-6, equal_nan=True)
     torch.nn.utils.clip_grad_norm_(list(whole.parameters()), 1.0)       # as train_step does
     assert all(a.isfinite().all() and (a - p.grad).abs().max() <= 1e-6 for a, p in zip(applied, whole.parameters()))
 
@@ -302,12 +307,13 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, text, head_only, monkeypa
     """--compile (each decoder layer through torch.compile: fast.compile_long_steps, here with the
     aot_eager backend, inductor's capture without its code generation), with activation checkpointing
     around the compiled layers: full training at depth 2 logs the same losses and reaches the same fp32
-    weights as the eager run (up to the order of float additions)."""
+    weights as the eager run (up to the order of float additions). At lr 1e-3: AdamW turns rounding in
+    near-zero gradients into steps of up to lr's size (8e-6 apart after 3 steps at 1e-2, 8e-7 at 1e-3)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     monkeypatch.setattr(train, "compile_long_steps", functools.partial(fast.compile_long_steps, backend="aot_eager"))
     common = ["--init", head_only[0], "--data", text, "--steps", 3, "--mtp-depth", 2, "--checkpoint-activations",
-              *SMALL]
+              *SMALL, "--lr", "1e-3"]
     eager = run(*common, "--out", tmp_path / "eager")
     torch._dynamo.reset()
     counters.clear()
@@ -498,3 +504,74 @@ def test_data_files_are_read_once(text):
     be held out and trained on)."""
     files = train.data_files([text, os.path.join(text, "00.txt"), os.path.join(text, ".", "00.txt")])
     assert files == train.data_files([text]) and len(files) == 13
+
+
+def test_held_out_documents_are_every_nth_and_end_with_end_of_text(head_only, text, tmp_path, monkeypatch):
+    """--eval-share 0.25: documents 0, 4, 8, ... (data_files' order, each .jsonl line one) are held out. The
+    training windows are the other documents' ids, each followed by <|endoftext|>, cut into --seq-len
+    windows; every evaluated window is a window of the held-out stream. Tokenised here document by document."""
+    runs = []
+    monkeypatch.setattr(train, "train_checkpoint", lambda args, run, *rest: runs.append(run) or {})
+    run("--init", head_only[0], "--data", text, "--out", tmp_path / "out", "--steps", 1, *SMALL)
+    (got,) = runs
+    tokenizer = Tokenizer.from_file(os.path.join(head_only[0], "tokenizer.json"))
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    docs = [open(os.path.join(text, f"{i:02d}.txt")).read() for i in range(12)]
+    docs += [json.loads(line)["text"] for line in open(os.path.join(text, "more.jsonl"))]
+    stream = lambda held: [i for n, doc in enumerate(docs) if (n % 4 == 0) == held
+                           for i in tokenizer.encode(doc, add_special_tokens=False).ids + [eos]]
+    train_ids, held_ids, T = stream(False), stream(True), 32
+    assert got.train_windows.flatten().tolist() == train_ids[:len(train_ids) // T * T]
+    held = torch.tensor(held_ids[:len(held_ids) // T * T]).view(-1, T)
+    assert len(got.eval_windows) > 1 and all((held == w.long()).all(1).any() for w in got.eval_windows)
+
+
+def test_weight_decay_spares_norms_and_decay_rates_and_the_schedule_ends_at_a_tenth():
+    """make_optimizer: an AdamW step on zero gradients moves each tensor of 2+ dims by weight decay alone,
+    by the first step's lr (lr / warmup, warmup = steps // 20) x 0.1, and leaves the norms, A_log and
+    dt_bias as they are; after the last of the steps the schedule has decayed to 10% of lr."""
+    model = tiny_model(moe=True)
+    lr, steps = 1e-2, 100
+    optimizer, scheduler = train.make_optimizer(model, lr, steps)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    spared = {name for name in before if "norm" in name or name.endswith(("A_log", "dt_bias"))}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name in spared:
+            assert torch.equal(p, before[name]), name
+        else:
+            assert torch.allclose(p, before[name] * (1 - lr / 5 * 0.1), rtol=1e-7, atol=0), name
+    for _ in range(steps):
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lr, rel=1e-9)
+
+
+def test_a_tied_head_stored_anyway_is_written_as_the_trained_embedding(tmp_path):
+    """A tied checkpoint that stores lm_head.weight too (the embedding again): save_updated writes the
+    trained embedding into both, so the result still loads (the loader checks that they are equal)."""
+    source = official_checkpoint(tmp_path / "in", moe=False, sharded=False)      # dense: tied
+    file = os.path.join(source, "model.safetensors")
+    tensors = load_file(file)
+    tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"].clone()
+    save_file(tensors, file, metadata={"format": "pt"})
+    trained = torch.randn(128, 64, generator=torch.Generator().manual_seed(0))
+    load.save_updated(source, str(tmp_path / "out"), {"model.embed_tokens.weight": trained})
+    out = all_tensors(tmp_path / "out")
+    for key in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
+        assert torch.equal(bits(out[key]), bits(trained.to(torch.bfloat16))), key
+    assert torch.equal(load_checkpoint(str(tmp_path / "out")).lm_head.weight, trained.to(torch.bfloat16))
+
+
+def test_a_fresh_head_starts_as_from_scratch_training_does():
+    """add_mtp_head's initial weights follow Qwen35._init_weights: projections N(0, 0.02), norm offsets 0
+    (not nn.Linear's default init, whose spread here is 2.5 to 3.6 times larger)."""
+    model = tiny_model(mtp_num_hidden_layers=0)
+    weights = dict(train.add_mtp_head(model))
+    assert weights.keys() == {"mtp." + name for name, _ in model.mtp.named_parameters()}
+    for name, w in weights.items():
+        if "norm" in name:
+            assert not w.any(), name
+        else:
+            assert abs(w.std().item() - 0.02) < 1e-3 and abs(w.mean().item()) < 1e-3, (name, w.std().item())
