@@ -217,14 +217,15 @@ def write_sharded_checkpoint(path, tensors, config, shards=3, dtypes=None):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     cast = lambda key, t: next((t.to(d) for p, d in (dtypes or {}).items() if key.startswith(p)), t).contiguous()
-    keys, weight_map = sorted(tensors), {}
+    keys, weight_map, total_size = sorted(tensors), {}, 0
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = {key: cast(key, tensors[key]) for key in keys[i::shards]}
         save_file(part, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({key: name for key in part})
+        total_size += sum(t.numel() * t.element_size() for t in part.values())
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f)
     return str(path)
 
 

@@ -153,7 +153,8 @@ def test_full_training_of_a_moe_checkpoint_writes_every_trained_tensor(tmp_path,
 @pytest.mark.parametrize("moe, sharded", [(False, True), (True, False)])
 def test_a_checkpoint_without_mtp_gets_an_official_style_head(tmp_path, text, moe, sharded, capsys):
     """A fresh head (and the log says so) is written as top-level mtp.* keys, experts per expert: in one
-    more shard listed in the index, or in the single file; config.json then counts its layer."""
+    more shard listed in the index (whose total_size counts it), or in the single file; config.json then
+    counts its layer."""
     source = official_checkpoint(tmp_path / "in", moe=moe, sharded=sharded, mtp=False)
     run("--init", source, "--data", text, "--out", tmp_path / "out", "--freeze-backbone", "--steps", 1, *SMALL)
     assert "has no MTP head (no mtp.* tensors): training a freshly initialised one" in capsys.readouterr().out
@@ -164,6 +165,10 @@ def test_a_checkpoint_without_mtp_gets_an_official_style_head(tmp_path, text, mo
     assert added and all(k.startswith("mtp.") for k in added) and {keys[k][2] for k in added} == {"BF16"}
     assert all(keys[k] == old_keys[k] for k in old_keys)
     assert set(added.values()) == {load.MTP_SHARD if sharded else "model.safetensors"}
+    if sharded:                       # the index's total_size (tensor bytes) counts the added shard
+        with open(os.path.join(out, load.INDEX)) as f:
+            assert json.load(f)["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                                 for t in all_tensors(out).values())
     mode = lambda *path: os.stat(os.path.join(*path)).st_mode & 0o777    # a rewritten file keeps its mode
     for f in os.listdir(out):
         if os.path.isfile(os.path.join(out, f)):
