@@ -36,22 +36,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import (Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForCausalLM,
-                          Qwen3_5MoeForConditionalGeneration, Qwen3_5TextConfig)
+from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration,
+                          Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeTextConfig,
+                          Qwen3_5TextConfig)
 from transformers.modeling_layers import MtpModel
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5RMSNormGated
 
 import load
 import qwen35_mtp
-from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, IMAGE, MOE_CASE, REPO, T_LONG, TINY, TOL, VISION_END,
-                      VISION_START, agreeing_model, all_tensors, assert_close, finish, get_case, max_diff, mtp_key,
-                      new_file_mode, oracle_mtp_logits, run_cli, start_cli, tiny_model, write_checkpoint,
-                      write_word_tokenizer)
+from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, IMAGE, IMAGE_TOKENS, MOE, MOE_CASE, REPO, T_LONG, TINY,
+                      TOL, VISION, VISION_END, VISION_START, agreeing_model, all_tensors, assert_close, finish,
+                      get_case, max_diff, mtp_key, new_file_mode, oracle_mtp_logits, run_cli, start_cli, tiny_model,
+                      write_checkpoint, write_sharded_checkpoint, write_word_tokenizer)
 from fast import speed_up
 from load import (checkpoint_model, checkpoint_tensors, config_from_hf, load_checkpoint, prompt_codec,
                   save_checkpoint)
-from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, chunked_gated_delta_rule, draft, draft_head,
-                        generate, recurrent_gated_delta_rule, verify_drafts)
+from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, VisionConfig, chunked_gated_delta_rule,
+                        draft, draft_head, generate, recurrent_gated_delta_rule, verify_drafts)
 from train import acceptance_counts, demo_config, evaluate, stdlib_corpus, train
 
 # ==============================================================================================
@@ -447,6 +448,66 @@ def test_wrong_shape(official_dense, tmp_path):
         load_checkpoint(corrupt(official_dense, tmp_path, shrink))
 
 
+@pytest.mark.parametrize("key, edit, stored, expected", [
+    ("mtp.fc.weight", lambda t: t.T.contiguous(), (128, 64), (64, 128)),
+    (LM + "layers.3.self_attn.k_proj.weight", lambda t: t[:, :32].clone(), (64, 32), (64, 64)),
+    (LM + "norm.weight", lambda t: t[None].clone(), (1, 64), (64,)),
+], ids=["transposed", "second dim", "extra dim"])
+def test_wrong_shape_in_any_dimension(official_dense, tmp_path, key, edit, stored, expected):
+    """Every dimension is compared, not the element count or the first dimension alone: a transposed
+    matrix (as some converters write them), a short second dimension, an extra dimension of 1."""
+    def change(t):
+        t[key] = edit(t[key])
+    message = rf"{re.escape(key)} has shape {re.escape(str(stored))}, but the config expects {re.escape(str(expected))}"
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(corrupt(official_dense, tmp_path, change))
+
+
+def test_untied_checkpoint_without_lm_head(tmp_path, tmp_path_factory):
+    """An untied checkpoint must store lm_head.weight: without it the load fails naming the key, not later
+    on a head left on the meta device."""
+    c = get_case(MOE_CASE, tmp_path_factory)
+    tensors = {k: v for k, v in c.tensors.items() if k != "lm_head.weight"}
+    assert len(tensors) == len(c.tensors) - 1
+    with pytest.raises(ValueError, match=r"tensors missing from the checkpoint: \['lm_head\.weight'\]"):
+        load_checkpoint(write_checkpoint(tmp_path / "ckpt", tensors, c.config))
+
+
+def test_a_parameter_stored_twice_is_refused(official_dense, tmp_path):
+    """The same key in two shards is named with both files; the same parameter under both prefixes
+    (model.language_model.X beside model.X) is refused too: neither silently overwrites the other."""
+    path = write_sharded_checkpoint(tmp_path / "twice", official_dense.tensors, official_dense.config, shards=2)
+    first, second = (os.path.join(path, f"model-0000{i}-of-00002.safetensors") for i in (1, 2))
+    key = sorted(load_file(first))[0]
+    save_file({**load_file(second), key: load_file(first)[key]}, second, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor {re.escape(key)} appears twice: in .*{re.escape(first)} and "
+                                         rf".*{re.escape(second)}"):
+        load_checkpoint(path)
+    def both_prefixes(t):
+        t["model.norm.weight"] = t[LM + "norm.weight"] + 1
+    with pytest.raises(ValueError, match=r"model\.norm\.weight loads model\.norm\.weight, which was already loaded"):
+        load_checkpoint(corrupt(official_dense, tmp_path, both_prefixes))
+
+
+def test_index_naming_a_missing_shard(official_dense, tmp_path):
+    """A shard the index lists but the directory lacks is named as missing (not as a corrupt file)."""
+    path = write_sharded_checkpoint(tmp_path / "ckpt", official_dense.tensors, official_dense.config, shards=2)
+    os.remove(os.path.join(path, "model-00002-of-00002.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"names shard\(s\) that do not exist: .*model-00002-of-00002"):
+        load_checkpoint(path)
+
+
+def test_info_counts_a_tied_head_stored_anyway_once(official_dense, tmp_path):
+    """--info on a tied checkpoint that stores lm_head.weight anyway (the embedding again): the main
+    model's parameter count is the loaded model's, the head not counted twice."""
+    def add(t):
+        t["lm_head.weight"] = t[LM + "embed_tokens.weight"].clone()
+    path = corrupt(official_dense, tmp_path, add)
+    model = load_checkpoint(path)
+    main = sum(p.numel() for name, p in model.named_parameters() if name.startswith(("model.", "lm_head.")))
+    assert f"parameters: main model {main:,} " in load.describe(path)
+
+
 def test_truncated_file(official_dense, tmp_path):
     """A safetensors file cut in half is reported with the file's path."""
     path = corrupt(official_dense, tmp_path)
@@ -721,6 +782,98 @@ def test_mistyped_moe_field_is_named():
     with pytest.raises(ValueError) as error:
         Qwen35Config(**sizes, moe_intermediate_size=None)
     assert "config field moe_intermediate_size=None (NoneType) is not valid: expected an integer" in str(error.value)
+
+
+@pytest.mark.parametrize("top", [True, False])
+def test_tie_flag_at_the_top_level_decides_as_in_transformers(top):
+    """transformers writes a VL config's text_config with its own tie flag, the default False, whatever
+    the top-level one says (a re-saved Qwen3.5-0.8B: top True, text False). The top level decides, as
+    in transformers' model."""
+    cfg = Qwen3_5Config(text_config=dict(**TINY, intermediate_size=96, num_hidden_layers=4,
+                                         tie_word_embeddings=not top),
+                        vision_config=VISION, tie_word_embeddings=top, **IMAGE_TOKENS)
+    d = json.loads(cfg.to_json_string())
+    assert d["tie_word_embeddings"] is top and d["text_config"]["tie_word_embeddings"] is (not top)
+    with torch.device("meta"):
+        theirs = Qwen3_5ForConditionalGeneration(cfg)
+    tied = theirs.lm_head.weight is theirs.model.language_model.embed_tokens.weight
+    assert tied is top
+    assert config_from_hf(d).tie_word_embeddings is tied
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_fields_left_out_take_transformers_defaults(moe, nested):
+    """A config.json that gives only the required sizes parses with transformers' defaults for the rest:
+    rms_norm_eps, head_dim, conv kernel, layer types, rope theta and rotary fraction, tie flag."""
+    sizes = dict(vocab_size=128, hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24)
+    sizes.update(MOE if moe else dict(intermediate_size=96))
+    theirs = (Qwen3_5MoeTextConfig if moe else Qwen3_5TextConfig)(**copy.deepcopy(sizes))
+    ours = config_from_hf({"text_config": sizes} if nested else sizes)
+    assert (ours.rms_norm_eps, ours.head_dim, ours.linear_conv_kernel_dim, ours.layer_types, ours.rope_theta,
+            ours.partial_rotary_factor, ours.tie_word_embeddings) == \
+        (theirs.rms_norm_eps, theirs.head_dim, theirs.linear_conv_kernel_dim, theirs.layer_types,
+         theirs.rope_parameters["rope_theta"], theirs.rope_parameters["partial_rotary_factor"],
+         theirs.tie_word_embeddings)
+    assert ours.is_moe == moe and ours.layer_types.count("full_attention") == 2
+
+
+def test_layer_types_win_over_full_attention_interval():
+    """Where a config gives both (every official file does), layer_types decides, as in transformers."""
+    text = {**REAL_CONFIGS["Qwen3.5-0.8B"]["text_config"], "num_hidden_layers": 5,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention",
+                            "full_attention"]}
+    theirs = Qwen3_5TextConfig(**{k: v for k, v in copy.deepcopy(text).items() if k != "model_type"})
+    assert config_from_hf({"text_config": text}).layer_types == theirs.layer_types == text["layer_types"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t["rope_parameters"].update(rope_type="yarn", factor=4.0, original_max_position_embeddings=262144),
+     "rope_type='yarn' is not supported"),
+    (lambda t: t.update(attn_output_gate=False), "config field attn_output_gate=False is not supported"),
+    (lambda t: t.update(hidden_act="gelu"), "config field hidden_act='gelu' is not supported"),
+    (lambda t: t.update(attention_bias=True), "config field attention_bias=True is not supported"),
+    (lambda t: t.update(mtp_use_dedicated_embeddings=True),
+     "config field mtp_use_dedicated_embeddings=True is not supported"),
+    (lambda t: t.update(mlp_only_layers=[0]), "config field mlp_only_layers=[0] is not supported"),
+], ids=["yarn", "no output gate", "gelu", "attention bias", "dedicated embeddings", "mlp only layers"])
+def test_unsupported_config_fields_are_refused(edit, message):
+    """Settings that transformers reads but this model does not implement are refused by name, not
+    ignored: yarn is what Qwen's model card has users put in config.json for contexts past 262,144."""
+    d = copy.deepcopy(REAL_CONFIGS["Qwen3.5-0.8B"])
+    edit(d["text_config"])
+    with pytest.raises(ValueError) as error:
+        config_from_hf(d)
+    assert message in str(error.value)
+
+
+MINIMAL_SIZES = dict(vocab_size=8, hidden_size=8, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+             linear_num_key_heads=1, linear_num_value_heads=1, linear_key_head_dim=4, linear_value_head_dim=4,
+             intermediate_size=8, head_dim=8)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(layer_types=["linear_attention", "full_atention", "linear_attention", "full_attention"]),
+     "layer_types holds ['full_atention']; expected only ['linear_attention', 'full_attention']"),
+    (dict(linear_key_head_dim=-4), "negative sizes: ['linear_key_head_dim']"),
+    (dict(partial_rotary_factor=0.125), "head_dim * partial_rotary_factor = 1.0 must be an even number of dims"),
+    (dict(partial_rotary_factor=1.5), "head_dim * partial_rotary_factor = 12.0 must be an even number of dims"),
+    (dict(intermediate_size=0), "a dense model needs intermediate_size > 0"),
+    (dict(num_experts=4, num_experts_per_tok=5, moe_intermediate_size=8, shared_expert_intermediate_size=8),
+     "num_experts_per_tok=5 must be in 1..num_experts=4"),
+    (dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=8),
+     "an MoE model needs moe_intermediate_size and shared_expert_intermediate_size > 0"),
+    (dict(vision=VisionConfig(out_hidden_size=8, depth=1, hidden_size=16, intermediate_size=16, num_heads=1,
+                              num_position_embeddings=4)),
+     "image_token_id=248056 is outside the vocabulary [0, 8)"),
+], ids=["layer type typo", "negative", "odd rotary", "rotary > head_dim", "dense width 0", "top-k > experts",
+        "moe width 0", "image token"])
+def test_inconsistent_configs_are_named(edit, message):
+    """Each consistency check of Qwen35Config names the fields and values at fault."""
+    with pytest.raises(ValueError) as error:
+        Qwen35Config(**{**MINIMAL_SIZES, **edit})
+    assert message in str(error.value)
 
 
 # ==============================================================================================
@@ -1542,7 +1695,8 @@ def test_cli_info_official_moe(tmp_path_factory):
     ("", "the prompt '' encodes to no tokens"),
     ("the huge cat", "the prompt 'the huge cat' encodes to token ids outside the model's vocabulary [0, 128): [200]"),
     ("the  cat", "the prompt 'the  cat' does not survive encoding: it decodes back as 'the cat'"),
-], ids=["unknown word", "empty", "id outside vocab", "no round trip"])
+    ("the cat ", "the prompt 'the cat ' does not survive encoding: it decodes back as 'the cat'"),
+], ids=["unknown word", "empty", "id outside vocab", "no round trip", "no round trip at the end"])
 def test_prompt_the_tokenizer_cannot_encode(word_checkpoint, prompt, message):
     """Each way a prompt can fail to tokenise is named, with the prompt (the CLI prints this message)."""
     with pytest.raises(ValueError) as error:
@@ -1553,8 +1707,31 @@ def test_prompt_the_tokenizer_cannot_encode(word_checkpoint, prompt, message):
 def test_prompt_needs_a_tokenizer_unless_byte_level(byte_checkpoint):
     """Without tokenizer.json only a 256-token vocabulary is read as bytes."""
     assert prompt_codec(byte_checkpoint.path, "é", 256)[0] == [0xC3, 0xA9]
-    with pytest.raises(ValueError, match="has no tokenizer.json"):
-        prompt_codec(byte_checkpoint.path, "hi", 128)
+    for vocab_size in (128, 257, 248320):        # a Qwen3.5 checkpoint copied without its tokenizer.json
+        with pytest.raises(ValueError, match="has no tokenizer.json"):
+            prompt_codec(byte_checkpoint.path, "hi", vocab_size)
+
+
+def test_prompt_id_equal_to_the_vocabulary_size_is_outside(word_checkpoint):
+    """The vocabulary is [0, vocab_size): the id vocab_size itself has no embedding row."""
+    assert prompt_codec(word_checkpoint.path, "the w127", 128)[0] == [0, 127]
+    with pytest.raises(ValueError, match=r"encodes to token ids outside the model's vocabulary \[0, 127\): \[127\]"):
+        prompt_codec(word_checkpoint.path, "the w127", 127)
+
+
+def test_cli_dtype_auto_keeps_the_stored_dtype(tmp_path, monkeypatch, capsys):
+    """--dtype auto (the default) loads a bfloat16 checkpoint in bfloat16, not float32 (twice the memory);
+    --dtype float32 casts it."""
+    save_checkpoint(tiny_model().to(torch.bfloat16), tmp_path)
+    write_word_tokenizer(tmp_path)
+    loaded, real = [], load.load_checkpoint
+    monkeypatch.setattr(load, "load_checkpoint", lambda *args, **kwargs: loaded.append(real(*args, **kwargs))
+                        or loaded[-1])
+    for args, dtype in [([], torch.bfloat16), (["--dtype", "auto"], torch.bfloat16),
+                        (["--dtype", "float32"], torch.float32)]:
+        load.main([str(tmp_path), "--prompt", "the cat", "--max-new-tokens", "2", *args])
+        assert {p.dtype for p in loaded[-1].parameters()} == {dtype}, args
+        assert capsys.readouterr().out.startswith("the cat ")
 
 
 @pytest.mark.subprocess
