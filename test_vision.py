@@ -18,16 +18,16 @@ import pytest
 import torch
 from PIL import Image
 from transformers import Qwen3_5Config
-from transformers.image_utils import load_image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding, Qwen3_5VisionModel
 
 import qwen35_mtp
-from conftest import (GRIDS, IMAGE, MOE_CASE, all_tensors, assert_close, get_case, image_batch,
+from conftest import (GRIDS, IMAGE, MOE_CASE, VISION, all_tensors, assert_close, get_case, image_batch,
                       image_tokens, max_diff, oracle_vl_forward, oracle_vl_mtp_logits, run_cli, write_checkpoint,
                       write_word_tokenizer)
-from load import (config_from_hf, config_to_hf, describe, image_patches, image_settings, load_checkpoint,
-                  read_images, save_checkpoint)
+from load import (config_from_hf, config_to_hf, describe, image_patches, image_prompt, image_settings, load_checkpoint,
+                  read_images, save_checkpoint, vision_config_from_hf)
 from qwen35_mtp import Cache, Qwen35Config, VisionTower, generate, mrope_positions, rotary_cos_sin
 
 DENSE_VL = "dense-tied-official"
@@ -77,12 +77,43 @@ def test_tower_matches_transformers(dense_vl):
         assert expected.abs().max() > 0.3
 
 
+def test_tower_at_unit_scale_matches_transformers():
+    """The tower equals Qwen3_5VisionModel with weights at the scale of trained ones (unit LayerNorms, linears
+    ~ 1/sqrt(fan_in)): with the cases' N(0, 0.1) weights the attention logits are ~1e-3, so attention is
+    uniform, and a wrong 2-D rotary moves the output by 1e-5 at most, the exact GELU in the blocks instead of
+    the tanh one by 2e-7 (both within TOL); here, by 0.3 .. 0.7 and 3e-4, against a measured error of 2e-6."""
+    config = Qwen3_5Config(vision_config=VISION).vision_config
+    torch.manual_seed(0)
+    theirs = Qwen3_5VisionModel._from_config(config).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif name == "pos_embed.weight":
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+    ours = VisionTower(vision_config_from_hf(VISION)).eval()
+    ours.load_state_dict(theirs.state_dict())
+    grid_thw = torch.tensor(GRIDS)
+    pixels = torch.randn(int(grid_thw.prod(-1).sum()), 1536, generator=g)
+    with torch.no_grad():
+        expected = theirs(pixels, grid_thw=grid_thw).pooler_output
+        got = ours(pixels, grid_thw)
+    assert_close(got, expected, "tower at unit scale")
+    assert expected.abs().max() > 1
+
+
 def test_positions_match_get_rope_index(dense_vl):
     """3-D positions equal transformers' get_rope_index: left padding, two images in a row, an image at the
-    very start, a 2-frame grid; and the rope deltas a cache derives from them equal transformers' too (its
+    very start, a 2-frame grid, a 4-frame grid of 1 x 1 merged tokens (the text after it goes on at start +
+    max(h, w), not start + frames); and the rope deltas a cache derives from them equal transformers' too (its
     rule, the largest position + 1, is the text's next position when the prompt ends in text whose
     position is the largest; test_cached_decoding_after_images_equals_full_forward has the other case)."""
-    batch = image_batch([PADDED[0], UNPADDED[0], PADDED[1]], seed=2)
+    batch = image_batch([PADDED[0], UNPADDED[0], PADDED[1], [2, (4, 2, 2), 3]], seed=2)
     expected, deltas = dense_vl.vl.model.get_rope_index(batch.ids, mm_token_type_ids=batch.mm,
                                                         image_grid_thw=batch.grid_thw, attention_mask=batch.mask)
     positions = mrope_positions(batch.ids, batch.mask.bool(), batch.grid_thw, dense_vl.model.config)
@@ -164,7 +195,9 @@ def test_mtp_logits_with_images_match_oracle(vl_case):
 
 
 def test_backward_with_images_matches_oracle(dense_vl):
-    """Gradients of the loss with images equal the oracle's, for the vision tower's weights too."""
+    """Gradients of the loss with images equal the oracle's, for the vision tower's weights too: each within
+    1e-5 of its own largest entry (the tower's are 1e-4 .. 4e-3, 100 to 3000 times smaller than the
+    embeddings', so one bound from the largest gradient would let them be off by percents)."""
     batch = image_batch(PADDED, seed=6)
     labels = image_labels(batch)
     model = load_checkpoint(dense_vl.path).requires_grad_(True)
@@ -178,9 +211,8 @@ def test_backward_with_images_matches_oracle(dense_vl):
     oracle.update(vl.model.language_model.named_parameters(prefix="model"))
     grads = {n: p.grad for n, p in model.named_parameters() if not n.startswith("mtp.")}
     assert grads.keys() <= oracle.keys() and any(n.startswith("visual.") for n in grads)
-    scale = max(g.abs().max().item() for g in grads.values())
     for n, g in grads.items():
-        assert_close(g, oracle[n].grad, f"grad {n}", tol=1e-5 * scale)
+        assert_close(g, oracle[n].grad, f"grad {n}", tol=1e-5 * oracle[n].grad.abs().max().item())
     vl.zero_grad()
 
 
@@ -191,13 +223,14 @@ def test_cached_decoding_after_images_equals_full_forward(vl_case):
     """Prefill a prompt with images into the cache, then feed the text after it (a 3-token step, then
     single tokens): every step's logits equal the full forward's, so the positions after the images
     continue where they should (rope deltas), per row of a left-padded batch. The third row's prompt ends
-    just after a 4-frame image of one merged token per frame: its frames (time axis) run past where the
-    text after it goes on."""
+    on the last token of a 4-frame image of one merged token per frame (its vision_end comes in the first
+    cached step): its frames (time axis) run past where the text after it goes on."""
     rows = PADDED + [[2, (4, 2, 2)]]
     batch = image_batch([row + [12] for row in rows], seed=7)     # the prompt, then 12 text tokens
     model, real = vl_case.model, batch.mask.bool()
     full = forward(model, batch, mtp=False).logits
-    T, P = batch.ids.shape[1], batch.ids.shape[1] - 12
+    T, P = batch.ids.shape[1], batch.ids.shape[1] - 13      # row 2: [..., image, image] | [vision_end, 12 text]
+    assert batch.ids[2, P - 1] == IMAGE and batch.ids[2, P] != IMAGE
     with torch.no_grad():
         cache = Cache(model.config.layer_types, 200)
         embeds, positions = model.embed_inputs(batch.ids[:, :P], real[:, :P], batch.pixels, batch.grid_thw)
@@ -224,16 +257,22 @@ def test_greedy_generate_with_images_matches_transformers(tmp_path_factory):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_speculative_with_images_is_lossless(vl_case, k, monkeypatch):
-    """Speculative decoding after a prompt with an image gives plain greedy decoding's tokens; and every
-    round's first draft equals the argmax of the uncached MTP logits at the end of the accepted prefix,
-    so the head's cache holds the image rows at the right positions. (The uncached forward is built by
-    hand: generated tokens are text even when one happens to be the image token id.)"""
+    """Speculative decoding after a prompt with an image gives plain greedy decoding's tokens; and in every
+    round the rows the head's cache takes (the whole prompt in the first) equal the uncached MTP rows, and
+    the first draft is the argmax at the end of the accepted prefix: the head's cache holds the image rows
+    at the right positions (the argmax alone does not see them at text positions). (The uncached forward
+    is built by hand: generated tokens are text even when one happens to be the image token id.)"""
     recorded = []
 
     def recording_draft(model_, hidden, next_embeds, valid, mtp_cache, *rest):
-        drafts, probs = real_draft(model_, hidden, next_embeds, valid, mtp_cache, *rest)
+        fed = []            # the head's outputs: the first is for the rows the cache takes
+        hook = model_.mtp.register_forward_hook(lambda module, args, out: fed.append(out))
+        try:
+            drafts, probs = real_draft(model_, hidden, next_embeds, valid, mtp_cache, *rest)
+        finally:
+            hook.remove()
         if drafts:
-            recorded.append((len(mtp_cache), drafts[0].item()))
+            recorded.append((len(mtp_cache), drafts[0].item(), fed[0][0]))
         return drafts, probs
 
     real_draft = qwen35_mtp.draft
@@ -250,8 +289,11 @@ def test_speculative_with_images_is_lossless(vl_case, k, monkeypatch):
         embeds = torch.cat([embeds, model.model.embed_tokens(spec[:, P:])], dim=1)
         positions = torch.cat([positions, after.expand(3, 1, -1)], dim=2)
         hidden = model.model(spec, embeds=embeds, positions=positions)
-        mtp_choice = model.lm_head(model.mtp_hidden(embeds, hidden, None, 1, positions)[0][0]).argmax(-1)
-    for rows, first_draft in recorded:                # rows (h_t, x_{t+1}) in the cache: row rows-1 is the last
+        mtp_rows = model.mtp_hidden(embeds, hidden, None, 1, positions)[0][0]
+        mtp_choice = model.lm_head(mtp_rows).argmax(-1)
+    assert recorded[0][2].shape[0] == P                # the first round feeds the prompt's rows
+    for rows, first_draft, fed in recorded:           # rows (h_t, x_{t+1}) in the cache: row rows-1 is the last
+        assert_close(fed, mtp_rows[rows - len(fed):rows], f"{vl_case.name} MTP rows {rows - len(fed)}..{rows - 1}")
         assert mtp_choice[rows - 1].item() == first_draft
 
 
@@ -361,14 +403,25 @@ def noise(width, height, mode="RGB", seed=0):
     return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
 
 
+def palette_with_transparency(width, height):
+    """A palette image whose colour 0 is transparent (a GIF or palette PNG): no "A" band, info["transparency"]."""
+    image = noise(width, height).convert("P")
+    image.info["transparency"] = 0
+    return image
+
+
 QWEN35_PROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 @pytest.mark.parametrize("images, max_pixels", [
     ([noise(37, 91), noise(91, 37, seed=1)], 4096 ** 2),             # tiny: scaled up to >= 256^2 pixels
-    ([noise(300, 200), noise(17, 500), noise(400, 272)], 4096 ** 2),  # 400 x 272: 12.5 and 8.5 round to even
-    ([noise(64, 48, "RGBA"), noise(50, 70, "L")], 4096 ** 2),         # transparency onto white; grey
-    ([noise(300, 200), noise(1000, 37)], 128 ** 2),                   # scaled down to <= max_pixels
+    # 400 x 272: 12.5 and 8.5 round to even; 470 x 310: 14.7 and 9.7 round up (not floor)
+    ([noise(300, 200), noise(17, 500), noise(400, 272), noise(470, 310)], 4096 ** 2),
+    # transparency onto white (an alpha band, or a palette's transparent colour); grey
+    ([noise(64, 48, "RGBA"), palette_with_transparency(60, 45), noise(50, 70, "L")], 4096 ** 2),
+    # scaled down to <= max_pixels (a side of at least 32, whichever it is); 126 x 130 rounds to 128 x 128,
+    # exactly max_pixels: kept, not scaled down
+    ([noise(300, 200), noise(1000, 37), noise(37, 1000), noise(126, 130)], 128 ** 2),
 ], ids=["small", "odd", "modes", "large"])
 def test_image_patches_match_transformers(dense_vl, tmp_path, images, max_pixels):
     """pixel_values and grids equal transformers' Qwen2VLImageProcessorPil with Qwen3.5's settings, bit for
@@ -416,23 +469,78 @@ def test_min_and_max_pixels_override_size_as_in_transformers(dense_vl, tmp_path)
         image_settings(str(tmp_path), dense_vl.model.config.vision)
 
 
+def test_image_mean_and_std_are_read_from_the_file(dense_vl, tmp_path):
+    """image_mean and image_std come from preprocessor_config.json (Qwen3.5's are 0.5 and 0.5, under which
+    swapping or ignoring them changes nothing): with CLIP's, pixel_values equal transformers' processor's."""
+    clip = dict(QWEN35_PROCESSOR, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(clip))
+    image = noise(300, 200)
+    expected = Qwen2VLImageProcessorPil(size={"shortest_edge": 256 ** 2, "longest_edge": 4096 ** 2}, **clip)(
+        image, return_tensors="pt")
+    patches, grid = image_patches(image, **image_settings(str(tmp_path), dense_vl.model.config.vision))
+    assert torch.equal(torch.tensor([grid]), expected["image_grid_thw"])
+    assert torch.equal(patches, expected["pixel_values"])
+    qwen, _ = image_patches(image, **image_settings(str(tmp_path / "none"), dense_vl.model.config.vision))
+    assert max_diff(patches, qwen) > 0.1
+
+
+def test_default_image_settings_are_qwen35s(dense_vl, tmp_path):
+    """Without preprocessor_config.json, the settings are those of the file Qwen3.5 checkpoints ship."""
+    published = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
+                 "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                 "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
+    (tmp_path / "published").mkdir()
+    (tmp_path / "published" / "preprocessor_config.json").write_text(json.dumps(published))
+    vision = dense_vl.model.config.vision
+    assert image_settings(str(tmp_path), vision) == image_settings(str(tmp_path / "published"), vision)
+
+
+def test_extreme_aspect_ratios_as_in_transformers(dense_vl):
+    """An aspect ratio of 200 is processed as transformers does; past 200 both refuse the image."""
+    settings = image_settings(dense_vl.path, dense_vl.model.config.vision)
+    expected = Qwen2VLImageProcessorPil(size={"shortest_edge": 256 ** 2, "longest_edge": 4096 ** 2},
+                                        **QWEN35_PROCESSOR)(noise(400, 2), return_tensors="pt")
+    patches, grid = image_patches(noise(400, 2), **settings)
+    assert torch.equal(torch.tensor([grid]), expected["image_grid_thw"])
+    assert torch.equal(patches, expected["pixel_values"])
+    with pytest.raises(ValueError, match="aspect ratio"):
+        Qwen2VLImageProcessorPil(**QWEN35_PROCESSOR)(noise(402, 2))
+    with pytest.raises(ValueError, match="an image of 402x2 pixels: the aspect ratio must be at most 200"):
+        image_patches(noise(402, 2), **settings)
+
+
+def test_image_prompt_holds_each_images_tokens(dense_vl):
+    """The command line's prompt: per image, vision_start, t*h*w/m^2 image tokens, vision_end (as the prompts
+    of the oracle tests hold them), which the model takes with those images."""
+    grids = torch.tensor(GRIDS)
+    ids = image_prompt(grids, dense_vl.model.config)
+    assert ids == [token for grid in GRIDS for token in image_tokens(*grid)]
+    pixels = torch.randn(int(grids.prod(-1).sum()), 1536, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        dense_vl.model(torch.tensor([ids]), pixel_values=pixels, image_grid_thw=grids, mtp=False)
+
+
 @pytest.mark.subprocess
-def test_cli_with_an_image(dense_vl, tmp_path):
+def test_cli_with_an_image(tmp_path_factory, tmp_path):
     """`load.py CKPT --image FILE --prompt TEXT` streams what generate returns for vision_start, the
-    image's tokens, vision_end, then the prompt (MTP drafts on)."""
-    path = write_checkpoint(tmp_path / "ckpt", dense_vl.tensors, dense_vl.config)
+    image's tokens, vision_end, then the prompt (MTP drafts on). The untied MoE case: the tied dense one
+    only repeats the prompt's last word, with or without the image."""
+    case = get_case(MOE_CASE, tmp_path_factory)
+    path = write_checkpoint(tmp_path / "ckpt", case.tensors, case.config)
     tokenizer = write_word_tokenizer(path)
     noise(70, 40).save(tmp_path / "image.png")
-    result = run_cli(path, "--image", tmp_path / "image.png", "--prompt", "the cat sat", "--max-new-tokens", 8,
+    result = run_cli(path, "--image", tmp_path / "image.png", "--prompt", "the dog ran home", "--max-new-tokens", 8,
                      "--draft-tokens", 2)
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "image.png") as image:
-        pixels, grid = image_patches(image, **image_settings(path, dense_vl.model.config.vision))
+        pixels, grid = image_patches(image, **image_settings(path, case.model.config.vision))
     assert grid == (1, 14, 22)                                   # 70 x 40 -> 352 x 224 (>= 256^2 pixels)
-    text = tokenizer.encode("the cat sat").ids
+    text = tokenizer.encode("the dog ran home").ids
     ids = torch.tensor([image_tokens(*grid) + text])
-    out, _ = generate(dense_vl.model, ids, 8, pixel_values=pixels, image_grid_thw=torch.tensor([grid]))
+    out, _ = generate(case.model, ids, 8, pixel_values=pixels, image_grid_thw=torch.tensor([grid]))
     assert result.stdout == tokenizer.decode(text + out[0, ids.shape[1]:].tolist()) + "\n"
+    without_image, _ = generate(case.model, torch.tensor([text]), 8)
+    assert without_image[0, len(text):].tolist() != out[0, ids.shape[1]:].tolist()      # the output reads the image
 
 
 def test_info_describes_the_tower_and_videos_are_refused(dense_vl, tmp_path):
