@@ -28,7 +28,7 @@ from conftest import (GRIDS, IMAGE, MOE_CASE, VISION, all_tensors, assert_close,
                       write_word_tokenizer)
 from load import (config_from_hf, config_to_hf, describe, image_patches, image_prompt, image_settings, load_checkpoint,
                   read_images, save_checkpoint, vision_config_from_hf)
-from qwen35_mtp import Cache, Qwen35Config, VisionTower, generate, mrope_positions, rotary_cos_sin
+from qwen35_mtp import Cache, VisionTower, generate, mrope_positions, rotary_cos_sin
 
 DENSE_VL = "dense-tied-official"
 VL_CASES = [DENSE_VL, MOE_CASE]
@@ -128,19 +128,19 @@ def test_positions_match_get_rope_index(dense_vl):
     assert torch.equal(cache.rope_deltas, deltas)
 
 
-@pytest.mark.parametrize("head_dim, theta, section", [(32, 1e4, [2, 1, 1]), (256, 1e7, [11, 11, 10])],
-                         ids=["tiny", "real"])
+@pytest.mark.parametrize("head_dim, theta, section", [(32, 1e4, [2, 1, 1]), (256, 1e7, [11, 11, 10]),
+                                                     (64, 1e7, [4, 2, 2])], ids=["tiny", "real", "short H and W"])
 def test_rotary_3d_matches_transformers(head_dim, theta, section):
     """cos/sin of 3-D positions equal Qwen3_5TextRotaryEmbedding's, bit for bit, for the tiny and the real
-    rotary (64 of 256 dims, frequencies T H W interleaved); [B, T] positions, or three equal rows, give
-    exactly the ordinary 1-D RoPE."""
+    rotary (64 of 256 dims, frequencies T H W interleaved), and for a section under which the last pair
+    turns with T, not H as under the others (so the file's section must be read: config_from_hf parses
+    the text config transformers writes); [B, T] positions, or three equal rows, give the 1-D RoPE exactly."""
     rope = dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.25, mrope_section=section,
                 mrope_interleaved=True)
-    hf = Qwen3_5TextRotaryEmbedding(Qwen3_5Config(text_config=dict(head_dim=head_dim, rope_parameters=rope)).text_config)
-    config = Qwen35Config(vocab_size=8, hidden_size=8, num_hidden_layers=4, num_attention_heads=1, num_key_value_heads=1,
-                          linear_num_key_heads=1, linear_num_value_heads=1, linear_key_head_dim=4,
-                          linear_value_head_dim=4, intermediate_size=8, head_dim=head_dim, rope_theta=theta,
-                          mrope_section=tuple(section))
+    hf_config = Qwen3_5Config(text_config=dict(head_dim=head_dim, rope_parameters=rope))
+    hf = Qwen3_5TextRotaryEmbedding(hf_config.text_config)
+    config = config_from_hf(json.loads(hf_config.text_config.to_json_string()))
+    assert config.mrope_section == tuple(section) and config.rope_theta == theta
     positions = torch.randint(0, 5000, (3, 2, 40), generator=torch.Generator().manual_seed(3))
     cos, sin = rotary_cos_sin(positions, config, torch.float32)
     hf_cos, hf_sin = hf(torch.zeros(1), positions)
