@@ -1924,6 +1924,18 @@ def test_demo_command_runs(tmp_path):
     assert os.path.exists(tmp_path / "model.safetensors") and os.path.exists(tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("alpha, k", [(0.8, 2), (0.5, 4), (1.0, 3), (0.0, 2)])
+def test_projected_speedup_is_tokens_per_round_over_its_cost(alpha, k):
+    """bench's projection: tokens per round (the accepted drafts, then the verification's own token) under
+    independent acceptance with probability alpha, simulated here over 100,000 rounds, over the round's
+    cost (a verification and k drafts) in plain steps."""
+    import bench
+    accepted = (torch.rand(100_000, k, generator=torch.Generator().manual_seed(0)) < alpha).int().cumprod(1).sum(1)
+    tokens_per_round = (accepted + 1).double().mean().item()
+    assert bench.project_speedup(alpha, k, 1.0, 0.0) == pytest.approx(tokens_per_round, abs=0.01)
+    assert bench.project_speedup(alpha, k, 1.3, 0.1) == pytest.approx(tokens_per_round / (1.3 + 0.1 * k), abs=0.01)
+
+
 @pytest.mark.subprocess
 def test_bench_gpu_suite_runs_on_cpu(tmp_path):
     """The code a GPU session runs (bench.py --device cuda) as a smoke test on the CPU: every variant
