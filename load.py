@@ -913,6 +913,10 @@ def command_line():
     return parser
 
 
+GENERATION_OPTIONS = ("image", "max_new_tokens", "temperature", "top_p", "draft_tokens", "draft_vocab_size", "dtype",
+                      "device", "compile", "seed")
+
+
 def write_draft_vocab(args):
     """--build-draft-vocab N: count the --text files' tokens, write the N most frequent ids, describe them."""
     file = args.draft_vocab or os.path.join(args.checkpoint, "draft_vocab.json")
@@ -938,6 +942,10 @@ def main(argv=None):
         fail("--draft-vocab and --draft-vocab-size choose what drafts are drawn from: give --draft-tokens k > 0")
     if (args.build_draft_vocab is None) == bool(args.text) or args.weights and not args.text:
         fail("--build-draft-vocab N and --text FILE [FILE ...] (with optional --weights) go together")
+    if args.prompt is None:      # --info and --build-draft-vocab generate nothing: refuse, not ignore, such options
+        ignored = GENERATION_OPTIONS + (("draft_vocab",) if args.info else ())   # (it names the file to write)
+        if given := [name for name in ignored if getattr(args, name) != parser.get_default(name)]:
+            fail(f"--{given[0].replace('_', '-')} applies to --prompt only")
 
     try:
         if args.info:

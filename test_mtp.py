@@ -1786,6 +1786,9 @@ CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or a broken_c
      "cannot read the draft vocabulary none.json"),
     (None, ["--build-draft-vocab", "5", "--text", "none.txt", "--draft-vocab", "."],
      "--draft-vocab . is a directory: give the file to write"),
+    (None, ["--build-draft-vocab", "5", "--text", "none.txt", "--draft-tokens", "2"],
+     "--draft-tokens applies to --prompt only"),
+    (None, ["--info", "--draft-vocab", "v.json"], "--draft-vocab applies to --prompt only"),
 ]
 
 
@@ -1793,7 +1796,7 @@ CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or a broken_c
     "missing", "bad json", "not an object", "no weight_map", "a file", "drafts without a head", "not utf-8",
     "text_config null", "bad device", "meta device", "nan temperature",
     "negative drafts", "draft vocabulary without drafts", "missing draft vocabulary",
-    "draft vocabulary to a directory"])
+    "draft vocabulary to a directory", "drafts when building a vocabulary", "a draft vocabulary with --info"])
 def test_cli_input_errors_name_the_problem(word_checkpoint, broken_checkpoints, capsys, broken, args, message):
     """Bad checkpoints (missing, broken JSON, a file given for the directory, no MTP head for drafts), an
     unusable --device, options that contradict each other: one line on stderr naming the file or option,
