@@ -1193,6 +1193,60 @@ def test_few_row_linear_equals_nn_linear(rows):
         assert max_diff(fast(x), plain(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("rows", [1, 2, 16, 17])
+def test_few_row_linear_takes_its_path_only_where_it_pays(rows, monkeypatch):
+    """FewRowLinear's W @ x^T runs exactly where its docstring says it pays: 2-16 fp32 rows on the CPU,
+    and one row of a weight of >= 2**20 entries; F.linear elsewhere (17 rows, one row of a small weight,
+    bf16). A wrong bound gives the same numbers and silently loses the speed-up."""
+    import fast
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(fast.F, "linear", lambda *a: calls.append(1) or linear(*a))
+    for (out_features, in_features), dtype in (((2048, 512), torch.float32), ((2048, 512), torch.bfloat16),
+                                               ((48, 64), torch.float32)):
+        fast_linear = speed_up(torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)))[0]
+        fast_linear.to(dtype)
+        calls.clear()
+        fast_linear(torch.randn(1, rows, in_features, dtype=dtype))
+        pays = dtype == torch.float32 and (2 <= rows <= 16 or (rows == 1 and out_features * in_features >= 2 ** 20))
+        assert calls == ([] if pays else [1]), (rows, out_features, dtype)
+
+
+def test_speed_up_leaves_linears_with_a_bias_alone():
+    """FewRowLinear has no bias: speed_up must not swap it in for a Linear with one (the vision tower's),
+    which would drop the bias. Its output stays nn.Linear's, for one row and a few."""
+    plain = torch.nn.Linear(64, 48)
+    fast = speed_up(torch.nn.Sequential(torch.nn.Linear(64, 48)))[0]
+    fast.load_state_dict(plain.state_dict())
+    for rows in (1, 3):
+        x = torch.randn(1, rows, 64, generator=torch.Generator().manual_seed(rows))
+        assert max_diff(fast(x), plain(x)) <= 1e-6
+
+
+def test_speed_up_keeps_the_plain_rule_for_a_model_off_cuda(monkeypatch):
+    """On a machine with CUDA and fla, a model on the CPU keeps the plain rules (fla's kernels are CUDA
+    only): here fla is made to look available, and a forward without a cache (the chunked rule) gives
+    the plain model's logits."""
+    import fast
+    monkeypatch.setattr(fast, "fla_available", lambda: True)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(26))
+    with torch.no_grad():
+        plain = tiny_model()(ids, mtp=False).logits
+        ours = speed_up(tiny_model())(ids, mtp=False).logits
+    assert max_diff(ours, plain) <= 1e-5
+
+
+def test_speed_up_compiles_in_the_mode_of_the_device(monkeypatch):
+    """speed_up(compile=True) compiles decoding without CUDA graphs on the CPU (mode None) and compiles
+    the long steps too; the functions are recorded here, not run."""
+    import fast
+    calls = []
+    monkeypatch.setattr(fast, "compile_decoding", lambda model, **kw: calls.append(("decoding", kw)))
+    monkeypatch.setattr(fast, "compile_long_steps", lambda model, **kw: calls.append(("long", kw)))
+    speed_up(tiny_model(), compile=True)
+    assert calls == [("decoding", {"mode": None}), ("long", {})]
+
+
 def test_speed_up_keeps_decoding_identical():
     """A sped-up model decodes the same tokens as the plain one, plainly and with drafts."""
     prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(15))
@@ -1290,6 +1344,47 @@ def test_gathered_experts_match_experts():
         moe.experts.__class__ = Experts
 
 
+def test_gathered_experts_gather_every_decoding_step_length(monkeypatch):
+    """Steps of up to RECURRENT_MAX_TOKENS tokens (16: verifying 15 drafts) gather (one graph when
+    compiled); only longer ones group by expert (a graph break, and a host sync)."""
+    import fast
+    from qwen35_mtp import RECURRENT_MAX_TOKENS, Experts
+    grouped = []
+    monkeypatch.setattr(fast, "experts_by_expert",
+                        lambda experts, x, *rest: grouped.append(len(x)) or Experts.forward(experts, x, *rest))
+    moe = tiny_model(moe=True).model.layers[0].mlp
+    fast.gather_experts(moe)
+    g = torch.Generator().manual_seed(27)
+    for N in (RECURRENT_MAX_TOKENS, RECURRENT_MAX_TOKENS + 1):
+        x = torch.randn(N, 64, generator=g)
+        weights, ids = F.softmax(moe.gate(x), -1).topk(2, dim=-1)
+        moe.experts(x, ids, weights)
+    assert grouped == [RECURRENT_MAX_TOKENS + 1]
+
+
+def test_compiled_experts_keep_the_grouping_out_of_the_graph(compiled_globals):
+    """Compiled (as compile_long_steps' layers call them), experts for more than 16 tokens break the
+    graph around the grouping by expert (fast.experts_by_expert, compiler-disabled): another routing,
+    with other experts left without tokens, compiles nothing new. Traced into, each routing compiled
+    graphs of its own. Results as the eager grouping's."""
+    import fast
+    from torch._dynamo.utils import counters
+    moe = tiny_model(moe=True).model.layers[0].mlp
+    fast.gather_experts(moe)
+    compiled = torch.compile(lambda x, ids, w: moe.experts(x, ids, w), dynamic=True, backend="eager")
+    g = torch.Generator().manual_seed(28)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for low in (0, 4, 2):                     # experts low..low+3 only
+        x, w = torch.randn(40, 64, generator=g), torch.rand(40, 2, generator=g)
+        ids = torch.randint(low, low + 4, (40, 2), generator=g)
+        with torch.no_grad():
+            assert max_diff(compiled(x, ids, w), fast.experts_by_expert(moe.experts, x, ids, w)) <= 1e-6
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs == graphs[:1] * 3, graphs
+
+
 def test_cache_pool_hands_memory_on_only_from_dead_tensors():
     """fast.CachePool: a buffer goes to the next request only once the tensor handed out over it is
     gone (its cache gone, or the buffer replaced), zeroed, and marked as a static input for
@@ -1309,6 +1404,20 @@ def test_cache_pool_hands_memory_on_only_from_dead_tensors():
     assert [b.memory.data_ptr() for b in pool.buffers[(2, 3), *like]] == [address]   # again's, still taken
     assert [b.memory.data_ptr() for b in pool.buffers[(3, 2), *like]] == [other.data_ptr()]
     assert pool.buffers[(2, 3), torch.int64, torch.device("cpu")] == []
+
+
+def test_cache_pool_never_hands_on_memory_of_another_dtype_or_device():
+    """A buffer of one dtype or device is never handed to a request for another (two models, say a bf16
+    one after an fp32 one, or one on the GPU after one on the CPU; "meta" stands in for the GPU here)."""
+    from fast import CachePool
+    for dtype, device in ((torch.int64, "cpu"), (torch.float32, "meta")):
+        pool = CachePool()
+        first = pool.take((2, 3), torch.float32, "cpu")
+        address = first.data_ptr()
+        del first                           # free: handed on to the next request of its kind only
+        other = pool.take((2, 3), dtype, device)
+        assert other.dtype == dtype and other.device == torch.device(device)
+        assert device == "meta" or other.data_ptr() != address
 
 
 def test_cache_pool_holds_no_more_than_the_caches(compiled_globals):
@@ -1408,6 +1517,29 @@ def test_compiled_decoding_compiles_every_step_length(one_thread, compiled_globa
     compile_decoding(model, backend="eager")
     assert torch.equal(generate(model, prompt, 24, draft_tokens=8)[0], expected)
     assert counters["frames"]["total"] == counters["frames"]["ok"] > 8, dict(counters["frames"])
+
+
+def test_compiled_decoding_compiles_the_longest_short_step(one_thread, compiled_globals):
+    """A cached step of RECURRENT_MAX_TOKENS tokens (verifying 15 drafts) is compile_decoding's, not left
+    eager: it compiles a graph, and its hidden states are the eager step's. (One layer, no MTP head; the
+    prompt's step, 20 tokens, stays eager.)"""
+    from torch._dynamo.utils import counters
+    from fast import compile_decoding
+    from qwen35_mtp import RECURRENT_MAX_TOKENS
+    model = tiny_model(num_hidden_layers=1, layer_types=["linear_attention"])
+    ids = torch.randint(0, 128, (1, 20 + RECURRENT_MAX_TOKENS), generator=torch.Generator().manual_seed(29))
+
+    def run():
+        cache = Cache(model.config.layer_types, 40)
+        with torch.no_grad():
+            model.model(ids[:, :20], None, cache)
+            return model.model(ids[:, 20:], None, cache, rollback=True)
+    expected = run()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoding(model, backend="eager")
+    assert max_diff(run(), expected) <= 1e-5
+    assert counters["stats"]["unique_graphs"] > 0, dict(counters["frames"])
 
 
 def test_compiled_prompt_step_stays_compiled_where_caches_allocate(one_thread, compiled_globals):
