@@ -207,7 +207,7 @@ print(time.perf_counter() - start, peak)
 
 
 def load_time_and_memory(path):
-    header("Load to first logits (bf16 checkpoint into bf16, fresh process each, imports included)")
+    header("Load to first logits (bf16 checkpoint into bf16, fresh process each, timed from just after import torch)")
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
     figures = {}
     for which in ("ours", "hf"):
@@ -491,12 +491,18 @@ def drafting_steps(model, device="cpu", context=64, capacity=200):
     return plain_step, verify_step, draft_step
 
 
+SHORT_RUN = 3       # drafting_rounds: the shorter generate call, whose rounds the longer one's difference drops
+
+
 def drafting_rounds(model, device, context, k):
     """run(new_tokens): generate(..., draft_tokens=k) after a `context`-token prompt, its rounds
-    (verifications) counted into rounds[new_tokens]. The time of run(n + 1) less run(1), over their
-    rounds' difference, is a round measured whole: the drafts, the verification, the rollback and the
-    host's bookkeeping, which the projection's verify + k drafts leave out. (On random weights nearly
-    every draft is rejected: a round then emits one token.)"""
+    (verifications) counted into rounds[new_tokens]. The time of run(n + 1) less run(SHORT_RUN), over
+    their rounds' difference, is a round measured whole: the drafts, the verification, the rollback and
+    the host's bookkeeping, which the projection's verify + k drafts leave out. (On random weights nearly
+    every draft is rejected: a round then emits one token.) Not less run(1): that one has no round, so the
+    difference would also hold the first round's pass of the head over the whole prompt and the last two
+    rounds, which the budget cuts to 1 and 0 drafts (k = 2); run(3) has those too (drafts 1 then 0), so
+    they cancel and the difference is full rounds only."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(3)).to(device)
     rounds = {}
 
@@ -515,7 +521,7 @@ def speculative_08b(path_08b, quick, coverage):
     sizes = draft_vocab_sizes(quick)
     plain_step, verify_step, draft_step = drafting_steps(model)
     run, rounds = drafting_rounds(model, "cpu", 64, 2)       # a 64-token prompt, as drafting_steps
-    tokens = 5 if quick else 9                              # generate 1 and `tokens`: a round is the difference
+    tokens = 5 if quick else 9                              # generate 3 and `tokens`: a round is the difference
     with torch.no_grad():
         # a set's rows are gathered once per generate call, so a draft costs the same as over the first N
         # ids; which N ids does not matter to the time (random ones here)
@@ -526,7 +532,7 @@ def speculative_08b(path_08b, quick, coverage):
                                              None)
         steps = {("verify", k): (lambda k=k: verify_step(k + 1)) for k in (1, 2, 3)}
         steps.update({("draft", name): (lambda head=head: draft_step(head)) for name, head in heads.items()})
-        steps.update({("generate", m): (lambda m=m: run(m)) for m in (tokens, 1)})
+        steps.update({("generate", m): (lambda m=m: run(m)) for m in (tokens, SHORT_RUN)})
         plain, ratio = median_ratios(plain_step, steps, 3 if quick else 9)
     report("spec08", "plain decode step (T=1)", plain * 1e3, unit="ms")
     draft_cost = {name: ratio[("draft", name)] for name in heads}
@@ -541,7 +547,8 @@ def speculative_08b(path_08b, quick, coverage):
                    project_speedup(alpha, k, verify[k], draft_cost["all ids"]), unit="x", better="higher")
     report("spec08", "k=2 round / plain step: verify + 2 drafts", verify[2] + 2 * draft_cost["all ids"], unit="x")
     report("spec08", "k=2 round / plain step: generate, measured",
-           (ratio[("generate", tokens)] - ratio[("generate", 1)]) / (rounds[tokens] - rounds[1]), unit="x")
+           (ratio[("generate", tokens)] - ratio[("generate", SHORT_RUN)]) / (rounds[tokens] - rounds[SHORT_RUN]),
+           unit="x")
     if coverage:
         projected_with_draft_vocabularies(coverage, draft_cost, verify, sizes)
 
@@ -595,8 +602,9 @@ def mtp_costs(model, quick, device, context, capacity):
         plain = median_time(plain_step, runs, warmup=2, device=device)
         verify = {k: median_time(lambda k=k: verify_step(k + 1), runs, warmup=2, device=device) / plain
                   for k in (1, 2)}
-        drafts = {"all ids": draft_head(model, None, None),         # projected as if the text lay within them:
-                  "first 32768 ids": draft_head(model, None, min(32768, V))}     # spec08 weighs in coverage
+        N = min(32768, V)                                             # projected as if the text lay within them:
+        drafts = {"all ids": draft_head(model, None, None),         # spec08 weighs in coverage
+                  f"first {N} ids": draft_head(model, None, N)}
         drafts = {name: median_time(lambda h=head: draft_step(h), runs, warmup=2, device=device) / plain
                   for name, head in drafts.items()}
     costs["MTP: plain decode step, ms"] = plain * 1e3
@@ -605,7 +613,8 @@ def mtp_costs(model, quick, device, context, capacity):
     for name, cost in drafts.items():
         for k in (1, 2):
             for alpha in (0.65, 0.8, 0.9):
-                costs[f"MTP: projected speedup k={k}, acceptance {alpha}, {name}"] = \
+                costs[f"MTP: projected speedup k={k}, acceptance {alpha}, {name}"
+                      + ("" if name == "all ids" else ", coverage 100%")] = \
                     project_speedup(alpha, k, verify[k], cost)
     return costs
 
@@ -671,9 +680,9 @@ def gpu_figures(variant, path, quick, device, figures):
             figures["MTP: verify k=2 (3 tokens) / plain step"] + 2 * figures["MTP: one draft, all ids / plain step"]
         run, rounds = drafting_rounds(model, device, decode_after, 2)
         with torch.no_grad():
-            long, short = (median_time(lambda m=m: run(m), runs, warmup=1, device=device) for m in (n + 1, 1))
+            long, short = (median_time(lambda m=m: run(m), runs, warmup=1, device=device) for m in (n + 1, SHORT_RUN))
         figures["MTP: k=2 round / plain step: generate, measured"] = \
-            (long - short) / (rounds[n + 1] - rounds[1]) / plain
+            (long - short) / (rounds[n + 1] - rounds[SHORT_RUN]) / plain
 
 
 def gpu_suite(quick, device, time_limit):
@@ -706,7 +715,7 @@ def gpu_suite(quick, device, time_limit):
         if os.path.exists(out):
             results[variant] = json.load(open(out))
     names = list(dict.fromkeys(name for figures in results.values() for name in figures))
-    print(f"\n  {'figure':70s}" + "".join(f"{v:>13s}" for v in results) + "  ours+fast / hf+fla, hf")
+    print(f"\n  {'figure':76s}" + "".join(f"{v:>13s}" for v in results) + "  ours+fast / hf+fla, hf")
     for name in names:
         values = [results[v].get(name) for v in results]
         cells = "".join(f"{v:13.2f}" if isinstance(v, float) else f"{str(v or '-')[:12]:>13s}" for v in values)
@@ -715,7 +724,7 @@ def gpu_suite(quick, device, time_limit):
             theirs = results.get(base, {}).get(name)
             ratios.append(f"{fast / theirs:.2f}" if isinstance(fast, float) and isinstance(theirs, float) and theirs
                           else "-")
-        print(f"  {name:70s}{cells}  {', '.join(ratios)}")
+        print(f"  {name:76s}{cells}  {', '.join(ratios)}")
         rows.append(dict(section="gpu", what=name, **{v: results[v].get(name) for v in results}))
 
 
