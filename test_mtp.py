@@ -42,6 +42,7 @@ from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForCondition
 from transformers.modeling_layers import MtpModel
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5RMSNormGated
 
+import fast
 import load
 import qwen35_mtp
 from conftest import (BATCH, CASES, DENSE_CASE, GRAD_TOL, IMAGE, IMAGE_TOKENS, MOE, MOE_CASE, REPO, T_LONG, TINY,
@@ -1186,11 +1187,11 @@ def test_few_row_linear_equals_nn_linear(rows):
     g = torch.Generator().manual_seed(rows)
     for out_features, in_features in ((2048, 1024), (48, 64)):
         plain = torch.nn.Linear(in_features, out_features, bias=False)
-        fast = speed_up(torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)))[0]
-        fast.weight = plain.weight
-        assert type(fast).__name__ == "FewRowLinear"
+        sped_up = speed_up(torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)))[0]
+        sped_up.weight = plain.weight
+        assert type(sped_up).__name__ == "FewRowLinear"
         x = torch.randn(1, rows, in_features, generator=g)
-        assert max_diff(fast(x), plain(x)) <= 1e-5
+        assert max_diff(sped_up(x), plain(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 17])
@@ -1198,7 +1199,6 @@ def test_few_row_linear_takes_its_path_only_where_it_pays(rows, monkeypatch):
     """FewRowLinear's W @ x^T runs exactly where its docstring says it pays: 2-16 fp32 rows on the CPU,
     and one row of a weight of >= 2**20 entries; F.linear elsewhere (17 rows, one row of a small weight,
     bf16). A wrong bound gives the same numbers and silently loses the speed-up."""
-    import fast
     calls = []
     linear = F.linear
     monkeypatch.setattr(fast.F, "linear", lambda *a: calls.append(1) or linear(*a))
@@ -1216,18 +1216,17 @@ def test_speed_up_leaves_linears_with_a_bias_alone():
     """FewRowLinear has no bias: speed_up must not swap it in for a Linear with one (the vision tower's),
     which would drop the bias. Its output stays nn.Linear's, for one row and a few."""
     plain = torch.nn.Linear(64, 48)
-    fast = speed_up(torch.nn.Sequential(torch.nn.Linear(64, 48)))[0]
-    fast.load_state_dict(plain.state_dict())
+    sped_up = speed_up(torch.nn.Sequential(torch.nn.Linear(64, 48)))[0]
+    sped_up.load_state_dict(plain.state_dict())
     for rows in (1, 3):
         x = torch.randn(1, rows, 64, generator=torch.Generator().manual_seed(rows))
-        assert max_diff(fast(x), plain(x)) <= 1e-6
+        assert max_diff(sped_up(x), plain(x)) <= 1e-6
 
 
 def test_speed_up_keeps_the_plain_rule_for_a_model_off_cuda(monkeypatch):
     """On a machine with CUDA and fla, a model on the CPU keeps the plain rules (fla's kernels are CUDA
     only): here fla is made to look available, and a forward without a cache (the chunked rule) gives
     the plain model's logits."""
-    import fast
     monkeypatch.setattr(fast, "fla_available", lambda: True)
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(26))
     with torch.no_grad():
@@ -1239,7 +1238,6 @@ def test_speed_up_keeps_the_plain_rule_for_a_model_off_cuda(monkeypatch):
 def test_speed_up_compiles_in_the_mode_of_the_device(monkeypatch):
     """speed_up(compile=True) compiles decoding without CUDA graphs on the CPU (mode None) and compiles
     the long steps too; the functions are recorded here, not run."""
-    import fast
     calls = []
     monkeypatch.setattr(fast, "compile_decoding", lambda model, **kw: calls.append(("decoding", kw)))
     monkeypatch.setattr(fast, "compile_long_steps", lambda model, **kw: calls.append(("long", kw)))
@@ -1251,9 +1249,9 @@ def test_speed_up_keeps_decoding_identical():
     """A sped-up model decodes the same tokens as the plain one, plainly and with drafts."""
     prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(15))
     plain, _ = generate(tiny_model(), prompt, 30)
-    fast = speed_up(tiny_model())
-    assert torch.equal(generate(fast, prompt, 30)[0], plain)
-    assert torch.equal(generate(fast, prompt, 30, draft_tokens=2)[0], plain)
+    sped_up = speed_up(tiny_model())
+    assert torch.equal(generate(sped_up, prompt, 30)[0], plain)
+    assert torch.equal(generate(sped_up, prompt, 30, draft_tokens=2)[0], plain)
 
 
 
@@ -1305,7 +1303,6 @@ def test_fla_rule_takes_the_plain_rule_where_fla_cannot_differentiate(monkeypatc
     """Where fla's backward refuses (fast.fla_backward_works: fla 0.6 on Hopper with Triton < 3.7.1), a
     call that needs gradients goes to the plain chunked rule: same outputs and gradients, fla untouched
     (it is not even importable here)."""
-    import fast
     monkeypatch.setattr(fast, "fla_backward_works", lambda device: False)
     q, k, v, g, beta, state = delta_rule_inputs(1, 70, 2, 16, 24, seed=24)
     results = []
@@ -1347,7 +1344,6 @@ def test_gathered_experts_match_experts():
 def test_gathered_experts_gather_every_decoding_step_length(monkeypatch):
     """Steps of up to RECURRENT_MAX_TOKENS tokens (16: verifying 15 drafts) gather (one graph when
     compiled); only longer ones group by expert (a graph break, and a host sync)."""
-    import fast
     from qwen35_mtp import RECURRENT_MAX_TOKENS, Experts
     grouped = []
     monkeypatch.setattr(fast, "experts_by_expert",
@@ -1367,7 +1363,6 @@ def test_compiled_experts_keep_the_grouping_out_of_the_graph(compiled_globals):
     graph around the grouping by expert (fast.experts_by_expert, compiler-disabled): another routing,
     with other experts left without tokens, compiles nothing new. Traced into, each routing compiled
     graphs of its own. Results as the eager grouping's."""
-    import fast
     from torch._dynamo.utils import counters
     moe = tiny_model(moe=True).model.layers[0].mlp
     fast.gather_experts(moe)
@@ -1641,11 +1636,11 @@ def test_speed_up_on_cuda_decodes_as_plain(compiled_globals, moe):
     from torch._dynamo.utils import counters
     prompt = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(20)).cuda()
     plain, _ = generate(speed_up(tiny_model(moe=moe).cuda()), prompt, 40)
-    fast = speed_up(tiny_model(moe=moe).cuda(), compile=True)
+    sped_up = speed_up(tiny_model(moe=moe).cuda(), compile=True)
     counters.clear()
     for _ in range(2):                                              # the second time replays
-        assert torch.equal(generate(fast, prompt, 40)[0], plain)
-        assert torch.equal(generate(fast, prompt, 40, draft_tokens=2)[0], plain)
+        assert torch.equal(generate(sped_up, prompt, 40)[0], plain)
+        assert torch.equal(generate(sped_up, prompt, 40, draft_tokens=2)[0], plain)
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
