@@ -1022,6 +1022,22 @@ def test_rollback_restores_cache_exactly():
     assert (after_rolled - after_direct).abs().max() <= 1e-5
 
 
+def test_rollback_of_a_whole_step():
+    """Feeding 3 tokens (rollback=True) then cropping all 3 away restores the state from before the step
+    (the DeltaNet layers: the state saved before it, not after any of its tokens), so the next tokens'
+    logits equal the uncached forward's."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(20))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = Cache(model.config.layer_types, 40)
+        model.model(ids[:, :24], None, cache)
+        model.model(torch.randint(0, 128, (1, 3)), None, cache, rollback=True)
+        cache.crop(24)
+        got = model.lm_head(model.model(ids[:, 24:30], None, cache))
+    assert len(cache) == 30 and (got - full[:, 24:30]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("k", [16, 20])
 def test_many_drafts_stay_lossless(k):
     """k >= 16 drafts (a verification longer than RECURRENT_MAX_TOKENS) rolls back like any other: the
@@ -1727,6 +1743,71 @@ def test_eos_in_a_batch_pads_finished_rows():
     assert torch.equal(ids[1, :row1_stop], free[1, :row1_stop])
 
 
+def test_eos_stops_at_the_first_of_two_in_one_block():
+    """Two EOS ids inside one round's accepted block (agreeing model, k = 3: the first round keeps
+    new tokens 1..4, and the EOS ids are tokens 2 and 3): decoding stops after the first one, as plain
+    greedy decoding truncated at its first EOS does, and `stream` receives exactly those tokens."""
+    model = agreeing_model()
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(10))
+    full, _ = generate(model, prompt, 40)
+    eos = full[0, 22:24].tolist()
+    assert not set(eos) & set(full[0, 20:22].tolist()) and eos[0] != eos[1]      # the first EOS is token 2
+    streamed = []
+    ids, stats = generate(model, prompt, 40, draft_tokens=3, eos_token_id=eos, stream=streamed.append)
+    assert torch.equal(ids, full[:, :23]) and stats["main_forwards"] == 1
+    assert torch.equal(torch.cat(streamed, dim=1), ids[:, 20:])
+
+
+def test_left_padded_prompt_drafts_as_unpadded(monkeypatch):
+    """Speculative decoding (k = 3) of one left-padded row: the same tokens as plain greedy decoding of
+    the unpadded row, and every draft, the chained ones included, is the one the unpadded row gets."""
+    model = tiny_model(seed=3)
+    recorded = []
+
+    def recording_draft(*args):
+        drafts, probs = real_draft(*args)
+        recorded.append([d.item() for d in drafts])
+        return drafts, probs
+
+    real_draft = qwen35_mtp.draft
+    monkeypatch.setattr(qwen35_mtp, "draft", recording_draft)
+    prompt = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(14))
+    padded, mask = F.pad(prompt, (5, 0)), F.pad(torch.ones_like(prompt), (5, 0))
+    plain, _ = generate(model, prompt, 30)
+    alone, _ = generate(model, prompt, 30, draft_tokens=3)
+    unpadded_drafts, recorded[:] = list(recorded), []
+    ids, _ = generate(model, padded, 30, draft_tokens=3, attention_mask=mask)
+    assert torch.equal(alone, plain) and torch.equal(ids[:, 5:], plain)
+    assert recorded == unpadded_drafts and sum(len(d) > 1 for d in recorded) >= 5
+
+
+def test_sampling_draws_only_from_the_generator():
+    """Speculative sampling (k = 2) draws every random number from `generator`: the same seed gives the
+    same tokens and stats whatever the global random state, as plain sampling does."""
+    model = tiny_model(seed=3)
+    prompt = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(21))
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append([generate(model, prompt, 30, temperature=0.5, generator=torch.Generator().manual_seed(22),
+                              **kwargs) for kwargs in (dict(), dict(draft_tokens=2))])
+    (plain_a, spec_a), (plain_b, spec_b) = runs
+    assert torch.equal(plain_a[0], plain_b[0]) and torch.equal(spec_a[0], spec_b[0]) and spec_a[1] == spec_b[1]
+    assert 0 < spec_a[1]["accepted"] < spec_a[1]["drafted"]          # both verdicts were drawn
+
+
+def test_generate_accepts_the_edges_of_the_valid_input():
+    """max_new_tokens = 0 returns the prompt and zero stats; a draft vocabulary may hold id 0 and id V-1,
+    and draft_vocab_size may be V (all ids): the output is then exactly greedy."""
+    model, prompt = agreeing_model(), torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(18))
+    ids, stats = generate(model, prompt, 0, draft_tokens=2)
+    assert torch.equal(ids, prompt) and stats == dict(drafted=0, accepted=0, main_forwards=0, drafted_at=[0, 0],
+                                                      accepted_at=[0, 0])
+    plain, _ = generate(model, prompt, 12)
+    for vocab in (dict(draft_vocab=torch.tensor([127, 0, 5])), dict(draft_vocab_size=128)):
+        assert torch.equal(generate(model, prompt, 12, draft_tokens=2, **vocab)[0], plain)
+
+
 # ==============================================================================================
 # 9. Command line (load.py)
 
@@ -1975,6 +2056,20 @@ def test_a_depth_without_targets_is_left_out_of_the_loss():
     labels[0, 2] = -100
     out = model(ids, labels=labels, mtp_depth=2)
     assert out.loss_counts.tolist() == [1, 0, 0] and out.loss.item() == out.lm_loss.item()
+
+
+def test_depths_past_the_last_label_are_not_reported():
+    """mtp_depth past the sequence: a depth whose rows all lie past the last label (d >= T - 1) is not
+    reported. T = 2: no MTP loss at all (loss is lm_loss); T = 3 with mtp_depth 3: depth 1 only."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(19))
+    with torch.no_grad():
+        short = model(ids[:, :2], labels=ids[:, :2])
+        out = model(ids, labels=ids, mtp_depth=3)
+    assert short.mtp_loss is None and short.mtp_losses == [] and short.loss.item() == short.lm_loss.item()
+    assert len(out.mtp_losses) == 1 and out.mtp_loss.item() == out.mtp_losses[0].item()
+    expected = F.cross_entropy(out.mtp_logits[0, :1], ids[0, 2:3])
+    assert abs(out.mtp_loss.item() - expected.item()) <= 1e-6
 
 
 def test_teacher_forced_acceptance():
