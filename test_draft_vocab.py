@@ -184,10 +184,12 @@ def real_vocab(tmp_path_factory, tokenizer, qwen35_tokenizer_file):
     return SimpleNamespace(path=path, ids=ids)
 
 
-def test_build_draft_vocab_from_two_languages(real_vocab, tmp_path):
+def test_build_draft_vocab_from_two_languages(real_vocab, tokenizer, tmp_path):
     """A long English text and a short Chinese one: pooled, the 8 most frequent ids are all English;
     with equal weights the two languages count as equals and both make the 8. At 64 ids every token
-    of both is kept. A draft vocabulary file reads back as its ids, and a broken one is named."""
+    of both is kept; at 8, the first 8 of the same ranking, of as many distinct ids seen, covering the
+    share of each text's tokens (the tokenizer's own encoding) that they hold. A draft vocabulary file
+    reads back as its ids, and a broken one is named."""
     files = [real_vocab.path / "en.txt", real_vocab.path / "zh.txt"]
     weighted, pooled = build_draft_vocab(real_vocab.path, 64, files, [1, 1]), build_draft_vocab(real_vocab.path, 64, files)
     assert weighted["vocab_size"] == 248320 and weighted["size"] == weighted["distinct_ids_seen"] < 64
@@ -195,6 +197,13 @@ def test_build_draft_vocab_from_two_languages(real_vocab, tmp_path):
     assert set(real_vocab.ids[TEXT_MIXED]) <= set(weighted["ids"])
     chinese = lambda ids: sum(i >= 95726 for i in ids)                     # the first id with a Han character
     assert chinese(pooled["ids"][:8]) == 0 and 3 <= chinese(weighted["ids"][:8]) <= 5
+    eight = build_draft_vocab(real_vocab.path, 8, files, [1, 1])
+    assert eight["size"] == 8 and eight["ids"] == weighted["ids"][:8]
+    assert eight["distinct_ids_seen"] == weighted["distinct_ids_seen"]
+    for file, text in zip(files, eight["texts"]):
+        ids = tokenizer.encode(file.read_text(encoding="utf-8")).ids
+        covered = sum(i in eight["ids"] for i in ids) / len(ids)
+        assert text["tokens"] == len(ids) and text["covered"] == round(covered, 4) and 0 < covered < 1
     with pytest.raises(ValueError, match=r"1 weight\(s\) for 2 text file\(s\)"):
         build_draft_vocab(real_vocab.path, 8, files, [1])
     for bad in ([float("nan"), 1], [float("inf"), 1], [-1, 2], [0, 0]):    # nan once dropped all of en.txt

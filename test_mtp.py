@@ -1829,6 +1829,18 @@ def byte_checkpoint(tmp_path_factory):
     return SimpleNamespace(path=path, model=model)
 
 
+def test_a_draft_vocabulary_holds_only_ids_the_model_has(word_checkpoint, tmp_path):
+    """A tokenizer id past the model's rows ("huge", id 200; vocabulary 128) counts among the text's
+    tokens but not in the draft vocabulary, which then reads back for this model."""
+    (tmp_path / "t.txt").write_text("huge huge huge the cat the")
+    doc = load.build_draft_vocab(word_checkpoint.path, 10, [tmp_path / "t.txt"])
+    ids = [word_checkpoint.tokenizer.token_to_id(word) for word in ("the", "cat")]
+    assert doc["ids"] == ids and doc["size"] == doc["distinct_ids_seen"] == 2
+    assert doc["texts"] == [dict(file="t.txt", tokens=6, share=1.0, covered=0.5)]
+    (tmp_path / "draft_vocab.json").write_text(json.dumps(doc))
+    assert load.read_draft_vocab(tmp_path / "draft_vocab.json", 128).tolist() == ids
+
+
 @pytest.mark.subprocess
 def test_cli_streams_what_generate_returns(word_checkpoint):
     """Greedy, plain, with 2 MTP drafts per step, and the same --compile'd (run side by side): all print
@@ -2121,6 +2133,14 @@ def test_demo_training_is_deterministic(corpus):
     for model in models:
         train(model, corpus[0], steps=3, batch_size=4, seq_len=64, seed=5, log=lambda line: None)
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_demo_training_stops_at_its_time_budget(corpus):
+    """time_budget: the demo's loop stops after the step that goes past it, logging that step and why."""
+    lines = []
+    history = train(Qwen35(demo_config("tiny")), corpus[0], steps=50, batch_size=2, seq_len=32, time_budget=1e-9,
+                    log=lines.append)
+    assert [row["step"] for row in history] == [0] and lines[-1] == "time budget of 1e-09s reached after 1 steps"
 
 
 def test_frozen_backbone_trains_only_the_mtp_head(corpus):

@@ -249,15 +249,32 @@ def test_batches_depend_on_seed_and_step_only():
     windows = torch.arange(10)[:, None]
     stream = torch.cat([train.global_batch(windows, step, 4, seed=3) for step in range(5)])[:, 0]
     assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:20].tolist()) == list(range(10))
+    assert not torch.equal(stream[:10], stream[10:20])                     # a fresh order each epoch
     assert torch.equal(train.global_batch(windows, 2, 4, seed=3), train.global_batch(windows, 2, 4, seed=3))
     assert not torch.equal(train.global_batch(windows, 2, 4, seed=3), train.global_batch(windows, 2, 4, seed=4))
 
 
+def test_held_out_figures_are_means_over_all_tokens_whatever_the_micro_batches():
+    """evaluate_windows over 5 windows in micro-batches of 2 (the last one smaller): each loss is the mean
+    over every target token and the acceptance the share of all positions, as one forward over the 5 gives
+    them, not a mean of the micro-batches' means."""
+    model = tiny_model().eval()
+    windows = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(3))
+    got = train.evaluate_windows(model, windows, micro_batch=2, mtp_depth=2)
+    with torch.no_grad():
+        out = model(windows, labels=windows, mtp_depth=2)
+    assert got["lm_loss"] == pytest.approx(out.lm_loss.item(), rel=1e-6, abs=0)
+    assert got["mtp_losses"] == pytest.approx([l.item() for l in out.mtp_losses], rel=1e-6, abs=0)
+    assert got["acceptance"] == [hits / n for hits, n in train.acceptance_counts(out)]
+
+
 def test_resumed_run_gives_the_same_losses(head_only, tmp_path, text, monkeypatch):
     """Stopped right after the save at step 3, then resumed with --resume: the same losses at steps 3-5 as
-    a run never stopped (bit for bit), and the same checkpoint (the directory given as "cut/")."""
+    a run never stopped (bit for bit), the same held-out figures at the same steps (--eval-every 2: at the
+    start, every 2nd step and the last), and the same checkpoint (the directory given as "cut/"), saved at
+    step 6 (the last step, a multiple of --save-every too), with no OUT.previous left beside it."""
     source = head_only[0]
-    common = ["--data", text, "--steps", 6, "--save-every", 3, "--mtp-depth", 2, *SMALL]
+    common = ["--data", text, "--steps", 6, "--save-every", 3, "--eval-every", 2, "--mtp-depth", 2, *SMALL]
     whole = run("--init", source, "--out", tmp_path / "whole", *common)
     save = train.save_run
 
@@ -271,8 +288,13 @@ def test_resumed_run_gives_the_same_losses(head_only, tmp_path, text, monkeypatc
     resumed = run("--resume", f"{tmp_path}/cut/", "--out", f"{tmp_path}/cut/", *common)    # as a shell completes
     losses = lambda rows: [(r["step"], r["lm_loss"], r["mtp_losses"]) for r in rows]
     assert losses(resumed["steps"]) == losses(whole["steps"])[3:] and len(resumed["steps"]) == 3
+    assert list(whole["held_out"]) == [0, 2, 4, 6] and list(resumed["held_out"]) == [3, 4, 6]
+    assert all(resumed["held_out"][step] == whole["held_out"][step] for step in (4, 6))
     a, b = all_tensors(tmp_path / "whole"), all_tensors(tmp_path / "cut")
     assert all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+    for d in ("whole", "cut"):
+        assert torch.load(tmp_path / d / train.RUN, weights_only=True)["step"] == 6
+        assert not os.path.exists(tmp_path / f"{d}.previous") and not os.path.exists(tmp_path / f"{d}.tmp")
 
 
 @pytest.mark.subprocess
@@ -484,6 +506,11 @@ def test_resume_keeps_the_saved_options_and_may_add_steps(head_only, text, tmp_p
                             f"--resume {out}: saved by a run with --lr 0.01 (now 0.5), --mtp-depth 1 (now 2)"),
                            (["--steps", 9, "--data", *(os.path.join(text, f"0{i}.txt") for i in range(4))],
                             f"--resume {out}: saved by a run with other training text ("),
+                           (["--steps", 9, "--seed", 1, "--batch-size", 8, "--seq-len", 16, "--eval-share", 0.5,
+                             "--mtp-loss-weight", 0.5, "--precision", "bf16"],
+                            f"--resume {out}: saved by a run with --seed 0 (now 1), --batch-size 4 (now 8), --seq-len "
+                            "32 (now 16), --eval-share 0.25 (now 0.5), --mtp-loss-weight 0.3 (now 0.5), --precision "
+                            "fp32 (now bf16), other training text ("),
                            (["--steps", 8], f"--steps 8: the run in {out} was saved at step 8; give more")]:
         with pytest.raises(SystemExit) as exit:
             run("--resume", out, "--out", tmp_path / "more", *common, *extra)
