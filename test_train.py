@@ -268,6 +268,26 @@ def test_held_out_figures_are_means_over_all_tokens_whatever_the_micro_batches()
     assert got["acceptance"] == [hits / n for hits, n in train.acceptance_counts(out)]
 
 
+@pytest.mark.parametrize("world", [2, 3, 4, 7])
+def test_held_out_shares_sum_to_one_process_whatever_the_process_count(world):
+    """held_out_totals of 5 windows shared among `world` processes (micro-batches of 2): each process runs
+    ceil(5 / world) windows, the short shares padded with filler, and the shares add up to what one
+    process counts over the 5 (the filler scored nowhere)."""
+    model = tiny_model().eval()
+    windows = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(4))
+    one = train.held_out_totals(model, windows, micro_batch=2, mtp_depth=2)
+    calls = []
+    original = model.forward
+    model.forward = lambda x, **kw: calls.append(len(x)) or original(x, **kw)
+    shares = [train.held_out_totals(model, windows, micro_batch=2, mtp_depth=2, rank=r, world=world)
+              for r in range(world)]
+    share = -(-5 // world)
+    assert sum(calls) == world * share and len(calls) == world * -(-share // 2)   # the same batches everywhere
+    assert torch.equal(sum(shares)[1:], one[1:])                    # counts, hits and positions exactly
+    assert torch.allclose(sum(shares)[0], one[0], rtol=1e-6, atol=0)
+    assert one[1, 0] == one[3, 1] == 5 * 11          # 5 windows of 12: 11 targets and 11 depth-1 positions each
+
+
 def test_resumed_run_gives_the_same_losses(head_only, tmp_path, text, monkeypatch):
     """Stopped right after the save at step 3, then resumed with --resume: the same losses at steps 3-5 as
     a run never stopped (bit for bit), the same held-out figures at the same steps (--eval-every 2: at the
@@ -304,11 +324,13 @@ def test_torchrun_two_processes_reach_the_weights_of_one(tmp_path, text, head_on
     training at depth 2: the same losses and, after 4 AdamW steps, the same fp32 weights as one process
     (up to the order of float additions). Each process reads the checkpoint into its own shards only
     (train.materialize), from a dense tied checkpoint with an MTP head, and from a sharded MoE one
-    without: the fresh head's initial weights go in the same way. What the two processes saved (each
-    its own shards of train_state/) then resumes in one process as what one process saved does."""
+    without: the fresh head's initial weights go in the same way. Both score the same 3 held-out windows.
+    What the two processes saved (each its own shards of train_state/) then resumes in one process as
+    what one process saved does."""
     init = head_only[0] if source == "dense" else official_checkpoint(tmp_path / "in", moe=True, sharded=True,
                                                                        mtp=False)
-    common = ["--init", init, "--data", text, "--steps", 4, "--grad-accum", 2, "--mtp-depth", 2, *SMALL]
+    common = ["--init", init, "--data", text, "--steps", 4, "--grad-accum", 2, "--mtp-depth", 2, "--eval-windows", 3,
+              *SMALL]
     one = run(*common, "--out", tmp_path / "one")
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
                              "--nproc-per-node", "2", "train.py", *map(str, common), "--checkpoint-activations",
@@ -318,6 +340,9 @@ def test_torchrun_two_processes_reach_the_weights_of_one(tmp_path, text, head_on
     assert result.returncode == 0, result.stderr[-3000:]
     logged = [line.split()[3] for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [f"{r['lm_loss']:.3f}" for r in one["steps"]] == logged and result.stdout.count("saved ") == 1
+    # the same 3 held-out windows (one process runs a filler window): the same figures before training
+    assert "3 windows evaluated" in result.stdout
+    assert f"held-out at step 0: {train.describe_evaluation(one['held_out'][0])}\n" in result.stdout
     a, b = (saved_weights(tmp_path / d) for d in ("one", "two"))
     assert a.keys() == b.keys() and max_diff_all(a, b) <= 1e-4
     # what two processes saved (each its own shards) resumes in one as what one process saved does
@@ -446,7 +471,7 @@ BAD = [  # (arguments, beyond --init/--data/--out, message)
     (["--log-every", "0"], "--log-every must be > 0, not 0"),
     (["--lr", "nan"], "--lr must be > 0, not nan"),
     (["--seq-len", "2"], "--seq-len must be >= 3, not 2"),
-    (["--eval-windows", "0"], "--eval-windows must be at least the number of processes (1), not 0"),
+    (["--eval-windows", "0"], "--eval-windows must be > 0, not 0"),
     (["--lr", "inf"], "--lr must be finite, not inf"),
     (["--mtp-loss-weight", "-1"], "--mtp-loss-weight must be >= 0, not -1.0"),
     (["--save-every", "-1"], "--save-every must be >= 0, not -1"),

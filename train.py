@@ -35,7 +35,8 @@ With --init DIR (any checkpoint load.py reads: dense or MoE, VL-wrapped or flat,
     at a time and keeps only its own shards (materialize), and saves its own shards of train_state/,
     so no process holds the whole model (process 0 writes --out one file at a time).
   - held-out LM loss, MTP loss and teacher-forced acceptance per depth: at the start, every
-    --eval-every steps and at the end.
+    --eval-every steps and at the end, over --eval-windows windows, the same ones whatever the number
+    of processes.
 """
 
 import argparse
@@ -366,32 +367,49 @@ def log_step(log, step, steps, terms, tokens_per_s, eta_s):
     return row
 
 
-def acceptance_counts(out):
+def acceptance_counts(out, rows=None):
     """Per depth d: (agreements, positions) between the depth-d head's argmax for token t+d+1 (its row t)
-    and the main model's argmax for the same token (its row t+d), over every such pair of rows."""
+    and the main model's argmax for the same token (its row t+d), over every such pair of rows in the
+    first `rows` sequences (None: all)."""
     predictions = out.predictions or [l.argmax(-1) for l in [out.logits] + out.mtp_logits_per_depth]
-    main = predictions[0]                                          # [B, T]: row j predicts token j+1
+    main = predictions[0][:rows]                                   # [B, T]: row j predicts token j+1
     counts = []
     for d, heads in enumerate(predictions[1:], start=1):
-        agree = heads == main[:, d:]                               # [B, T-d]
+        agree = heads[:rows] == main[:, d:]                        # [B, T-d]
         counts.append((agree.sum().item(), agree.numel()))
     return counts
 
 
 @torch.no_grad()
-def evaluate_windows(model, windows, *, micro_batch, mtp_depth):
-    """Over windows [W, T] (W a multiple of the process count, each process taking its share): the LM
-    loss and per depth the MTP loss, each a mean over all target tokens, and the teacher-forced
-    acceptance (see acceptance_counts)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def held_out_totals(model, windows, *, micro_batch, mtp_depth, rank=0, world=1):
+    """This process's share of the held-out sums over windows [W, T]: float64 [4, 1 + depth], rows the
+    loss sums, their target counts, the acceptance hits and positions (column 0, the main model's, has
+    no acceptance). Every process runs ceil(W / world) windows, as FSDP's forward gathers each layer from
+    all of them: a share that comes up short runs copies of window 0 with no targets, counted nowhere.
+    So the same W windows are scored whatever the number of processes."""
     device = next(model.parameters()).device
-    totals = torch.zeros(4, mtp_depth + 1, dtype=torch.float64, device=device)   # sums, counts, hits, positions
-    for x in windows.chunk(world)[rank].split(micro_batch):
-        x = x.to(device).long()
-        out = model(x, labels=x, mtp_depth=mtp_depth, logits=False)
+    share = -(-len(windows) // world)
+    mine = windows[rank * share:(rank + 1) * share]
+    real = len(mine)
+    mine = torch.cat([mine, windows[:1].expand(share - real, -1)])
+    totals = torch.zeros(4, mtp_depth + 1, dtype=torch.float64, device=device)
+    for start in range(0, share, micro_batch):
+        x = mine[start:start + micro_batch].to(device).long()
+        scored = max(0, real - start)                              # x's first rows are windows, the rest filler
+        labels = x.clone()
+        labels[scored:] = -100
+        out = model(x, labels=labels, mtp_depth=mtp_depth, logits=False)
         totals[0] += out.loss_sums
         totals[1] += out.loss_counts
-        totals[2:, 1:] += torch.tensor(acceptance_counts(out), device=device).t()
+        totals[2:, 1:] += torch.tensor(acceptance_counts(out, scored), device=device).t()
+    return totals
+
+
+def evaluate_windows(model, windows, *, micro_batch, mtp_depth):
+    """Over windows [W, T], shared among the processes: the LM loss and per depth the MTP loss, each a
+    mean over all target tokens, and the teacher-forced acceptance (see acceptance_counts)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    totals = held_out_totals(model, windows, micro_batch=micro_batch, mtp_depth=mtp_depth, rank=rank, world=world)
     sums, counts, hits, positions = all_sum(totals).cpu()
     losses = sums / counts
     return dict(lm_loss=losses[0].item(), mtp_losses=losses[1:].tolist(), acceptance=(hits / positions)[1:].tolist())
@@ -599,7 +617,8 @@ def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=
 def check_settings(args, world):
     value, flag = (lambda name: getattr(args, name)), (lambda name: "--" + name.replace("_", "-"))
     problems = [f"{flag(n)} must be > 0, not {value(n)}" for n in ("steps", "batch_size", "grad_accum", "lr",
-                                                                   "log_every", "new_tokens") if not value(n) > 0]
+                                                                   "log_every", "new_tokens", "eval_windows")
+                if not value(n) > 0]
     problems += [f"{flag(n)} must be >= 0, not {value(n)}" for n in ("mtp_loss_weight", "save_every", "eval_every")
                  if not value(n) >= 0]                                  # written so that nan fails too
     problems += [f"{flag(n)} must be finite, not inf" for n in ("lr", "mtp_loss_weight") if value(n) == math.inf]
@@ -608,8 +627,6 @@ def check_settings(args, world):
     if args.batch_size % (world * args.grad_accum):
         problems.append(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
                         f"--grad-accum ({args.grad_accum})")
-    if args.eval_windows < world:          # each process evaluates its own equal share
-        problems.append(f"--eval-windows must be at least the number of processes ({world}), not {args.eval_windows}")
     if args.seq_len < 3:                   # a window of T tokens has T - 2 targets for the MTP head
         problems.append(f"--seq-len must be >= 3, not {args.seq_len}")
     elif not 1 <= args.mtp_depth <= args.seq_len - 2:
@@ -639,9 +656,7 @@ def setup_run(args, world, device, log):
     train_ids, held_ids = tokenize(documents, encode, eos, config.vocab_size, every)
     train_windows = pack_windows(train_ids, args.seq_len, "training")
     held_windows = pack_windows(held_ids, args.seq_len, f"held-out (one document in {every})")
-    n = min(args.eval_windows, len(held_windows)) // world * world
-    if n == 0:
-        raise ValueError(f"--data: {len(held_windows)} held-out windows, fewer than the {world} processes")
+    n = min(args.eval_windows, len(held_windows))
     eval_windows = held_windows[torch.linspace(0, len(held_windows) - 1, n).long()]
     check_out(args.out, args.overwrite, args.resume)
     log(f"data: {len(documents):,} documents, {len(train_ids):,} training tokens ({len(train_windows):,} windows "
@@ -838,8 +853,8 @@ def main(argv=None):
     parser.add_argument("--save-every", type=int, default=0, help="also save every N steps (for --resume)")
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
     parser.add_argument("--eval-share", type=float, default=0.05, help="share of documents held out (at most 0.5)")
-    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows evaluated (rounded "
-                        "down to a multiple of the processes: each evaluates an equal share)")
+    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows evaluated (the same "
+                        "ones whatever the number of processes)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=list(DEMO_SIZES), default="medium", help="the demo model's size")
