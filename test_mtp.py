@@ -2135,12 +2135,14 @@ def test_demo_training_is_deterministic(corpus):
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
 
 
-def test_demo_training_stops_at_its_time_budget(corpus):
-    """time_budget: the demo's loop stops after the step that goes past it, logging that step and why."""
-    lines = []
-    history = train(Qwen35(demo_config("tiny")), corpus[0], steps=50, batch_size=2, seq_len=32, time_budget=1e-9,
+def test_demo_training_stops_at_its_time_budget(corpus, monkeypatch):
+    """time_budget: the demo's loop stops after the step that goes past it, logging that step and why, though
+    it falls between two --log-every steps. The clock advances one second each time the loop reads it."""
+    lines, clock = [], iter(range(100))
+    monkeypatch.setattr("train.time", SimpleNamespace(time=lambda: float(next(clock))))
+    history = train(Qwen35(demo_config("tiny")), corpus[0], steps=50, batch_size=2, seq_len=32, time_budget=2.5,
                     log=lines.append)
-    assert [row["step"] for row in history] == [0] and lines[-1] == "time budget of 1e-09s reached after 1 steps"
+    assert [row["step"] for row in history] == [0, 2] and lines[-1] == "time budget of 2.5s reached after 3 steps"
 
 
 def test_frozen_backbone_trains_only_the_mtp_head(corpus):

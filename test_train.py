@@ -108,10 +108,12 @@ def layout(path):
 
 @pytest.fixture(scope="module")
 def head_only(tmp_path_factory, text):
-    """Eight head-only steps on a dense, tied, sharded official checkpoint (the run several tests read)."""
+    """Eight head-only steps on a dense, tied, sharded official checkpoint (the run several tests read),
+    logged every 3rd step."""
     root = tmp_path_factory.mktemp("head-only")
     source = official_checkpoint(root / "in", moe=False, sharded=True)
-    results = run("--init", source, "--data", text, "--out", root / "out", "--freeze-backbone", "--steps", 8, *SMALL)
+    results = run("--init", source, "--data", text, "--out", root / "out", "--freeze-backbone", "--steps", 8, *SMALL,
+                  "--log-every", 3)
     return source, str(root / "out"), results
 
 
@@ -127,6 +129,7 @@ def test_head_only_training_changes_only_mtp_and_keeps_the_layout(head_only):
     before, after = all_tensors(source), all_tensors(out)
     changed = {k for k in before if not torch.equal(bits(before[k]), bits(after[k]))}
     assert changed == {k for k in before if k.startswith("mtp.")}
+    assert [row["step"] for row in results["steps"]] == [0, 3, 6, 7]     # every 3rd step, and the last
     first, last = results["held_out"][0], results["held_out"][8]
     assert last["mtp_losses"][0] < first["mtp_losses"][0] - 0.5, results["held_out"]
     assert last["lm_loss"] == first["lm_loss"]

@@ -604,10 +604,11 @@ def train(model, data, *, steps, batch_size=16, seq_len=256, lr=2e-3, mtp_depth=
                            freeze_backbone=freeze_backbone, precision=precision)
         tokens += x.numel()
         elapsed = time.time() - start
-        if step % log_every == 0 or step == steps - 1:
+        out_of_time = time_budget is not None and elapsed > time_budget
+        if step % log_every == 0 or step == steps - 1 or out_of_time:      # the last step is always logged
             history.append(log_step(log, step, steps, terms, tokens / elapsed,
                                     elapsed / (step + 1) * (steps - step - 1)))
-        if time_budget is not None and elapsed > time_budget:
+        if out_of_time:
             log(f"time budget of {time_budget}s reached after {step + 1} steps")
             break
     model.eval()
