@@ -1646,10 +1646,12 @@ def test_fla_causal_conv_matches_plain(dtype, tol):
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_speed_up_on_cuda_decodes_as_plain(compiled_globals, moe):
     """On a GPU, speed_up(model, compile=True) (compiled decoding replayed as CUDA graphs) gives the
-    greedy tokens of the same model without compile, plainly and with 2 drafts, and inductor skipped no
-    CUDA graph (it skips one whose graph writes into an input that is not static, for example). Both
-    prefill with fla's rule if importable (in tf32, which may move a near-tie away from the plain rule)."""
+    greedy tokens of the same model without compile, plainly and with 2 drafts; inductor recorded CUDA
+    graphs (compiled code run without them would skip none either) and skipped none (it skips one whose
+    graph writes into an input that is not static, for example). Both prefill with fla's rule if
+    importable (in tf32, which may move a near-tie away from the plain rule)."""
     from torch._dynamo.utils import counters
+    from torch._inductor.cudagraph_trees import get_manager
     prompt = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(20)).cuda()
     plain, _ = generate(speed_up(tiny_model(moe=moe).cuda()), prompt, 40)
     sped_up = speed_up(tiny_model(moe=moe).cuda(), compile=True)
@@ -1658,6 +1660,8 @@ def test_speed_up_on_cuda_decodes_as_plain(compiled_globals, moe):
         assert torch.equal(generate(sped_up, prompt, 40)[0], plain)
         assert torch.equal(generate(sped_up, prompt, 40, draft_tokens=2)[0], plain)
     assert counters["inductor"]["cudagraph_skips"] == 0
+    trees = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert trees is not None and any(trees.roots.values())      # each recorded tree starts at a root
 
 
 @cuda
