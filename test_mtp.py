@@ -54,7 +54,7 @@ from load import (checkpoint_model, checkpoint_tensors, config_from_hf, load_che
                   save_checkpoint)
 from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, VisionConfig, chunked_gated_delta_rule,
                         draft, draft_head, generate, recurrent_gated_delta_rule, verify_drafts)
-from train import acceptance_counts, demo_config, evaluate, stdlib_corpus, train
+from train import acceptance_counts, demo_config, evaluate, resolve_precision, stdlib_corpus, train
 
 # ==============================================================================================
 # 1. Logits vs transformers
@@ -2241,6 +2241,8 @@ def test_demo_training_stops_at_its_time_budget(corpus, monkeypatch):
     history = train(Qwen35(demo_config("tiny")), corpus[0], steps=50, batch_size=2, seq_len=32, time_budget=2.5,
                     log=lines.append)
     assert [row["step"] for row in history] == [0, 2] and lines[-1] == "time budget of 2.5s reached after 3 steps"
+    chosen = resolve_precision("auto", torch.device("cpu"))
+    assert lines[0] == f"training: 50 steps of 2 x 32, matrix products in {chosen}"
 
 
 def test_frozen_backbone_trains_only_the_mtp_head(corpus):

@@ -257,6 +257,37 @@ def test_batches_depend_on_seed_and_step_only():
     assert not torch.equal(train.global_batch(windows, 2, 4, seed=3), train.global_batch(windows, 2, 4, seed=4))
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_is_bf16_only_where_the_device_has_bf16_kernels(monkeypatch, device, native):
+    """--precision auto: bf16 autocast on a GPU that supports bf16 and on a CPU for which oneDNN reports
+    bf16 kernels, fp32 elsewhere (a CPU without them runs bf16 products 15x slower than fp32); an
+    explicit choice is kept whatever the device."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: native and device == "cuda")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native and device == "cpu")
+    assert train.resolve_precision("auto", torch.device(device)) == ("bf16" if native else "fp32")
+    for explicit in ("bf16", "fp32"):
+        assert train.resolve_precision(explicit, torch.device(device)) == explicit
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_trains_as_the_precision_it_names(monkeypatch, tmp_path, text, head_only, native):
+    """train.py --init with --precision auto: the run logs the precision it chose, trains exactly as that
+    precision given by name does (the same fp32 weights after 2 steps), and saves that name in run.pt,
+    which a resume compares."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    chosen = "bf16" if native else "fp32"
+    common = ["--init", head_only[0], "--data", text, "--steps", 2, "--freeze-backbone", *SMALL]
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    run(*common, "--precision", "auto", "--out", tmp_path / "auto")
+    run(*common, "--precision", chosen, "--out", tmp_path / "named")
+    assert sum(line.endswith(f"matrix products in {chosen}") for line in lines) == 2
+    a, b = (saved_weights(tmp_path / d) for d in ("auto", "named"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(tmp_path / "auto" / train.RUN, weights_only=True)["data"]["precision"] == chosen
+
+
 def test_held_out_figures_are_means_over_all_tokens_whatever_the_micro_batches():
     """evaluate_windows over 5 windows in micro-batches of 2 (the last one smaller): each loss is the mean
     over every target token and the acceptance the share of all positions, as one forward over the 5 gives
@@ -681,7 +712,8 @@ def test_save_updated_keeps_the_inputs_layout_and_adds_a_head_in_the_embeddings_
             with load.safe_open(os.path.join(out, file), "pt") as f:
                 metadata = f.metadata()
             if file == load.MTP_SHARD:
-                assert metadata == {"format": "pt"} and os.stat(os.path.join(out, file)).st_mode & 0o777 == new_file_mode()
+                mode = os.stat(os.path.join(out, file)).st_mode & 0o777
+                assert metadata == {"format": "pt"} and mode == new_file_mode()
             else:
                 with load.safe_open(os.path.join(source, file), "pt") as f:
                     assert metadata == f.metadata(), file
