@@ -346,9 +346,10 @@ def target_counts(labels, depth):
     return torch.stack([(t != -100).sum() for t in loss_targets(labels, depth)])
 
 
-def train_step(model, optimizer, scheduler, ids, labels, counts, *, mtp_depth, freeze_backbone, micro_batches=1,
-               precision="bf16"):
-    """One optimizer step on this process's rows (ids, labels) of the global batch, in micro-batches.
+def train_step(model, optimizer, scheduler, ids, labels, counts, *, mtp_depth, freeze_backbone, precision,
+               micro_batches=1):
+    """One optimizer step on this process's rows (ids, labels) of the global batch, in micro-batches,
+    with precision "bf16" (autocast) or "fp32" (resolve_precision's answer, which its callers ask once).
     Each term is its token sum over `counts`, the term's target count in the global batch: summed over
     micro-batches and processes, that is the global batch's mean, however the -100 labels fall. (A mean
     per micro-batch or process, averaged, would weigh their tokens unequally.) Returns the terms
