@@ -643,7 +643,7 @@ def check_settings(args, world):
     problems += [f"{flag(n)} must be finite, not inf" for n in ("lr", "mtp_loss_weight") if value(n) == math.inf]
     if args.time_budget is not None and not args.time_budget > 0:
         problems.append(f"--time-budget must be > 0 seconds, not {args.time_budget}")
-    if args.batch_size % (world * args.grad_accum):
+    if args.grad_accum > 0 and args.batch_size % (world * args.grad_accum):     # else reported above
         problems.append(f"--batch-size {args.batch_size} must be a multiple of processes ({world}) x "
                         f"--grad-accum ({args.grad_accum})")
     if args.seq_len < 3:                   # a window of T tokens has T - 2 targets for the MTP head
