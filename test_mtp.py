@@ -22,6 +22,7 @@ shared oracles, checkpoint writers and cached cases are in conftest.py.
 
 import copy
 import gc
+import glob
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import weakref
 from types import SimpleNamespace
 
@@ -54,7 +56,8 @@ from load import (checkpoint_model, checkpoint_tensors, config_from_hf, load_che
                   save_checkpoint)
 from qwen35_mtp import (Cache, KVCache, Qwen35, Qwen35Config, Sampling, VisionConfig, chunked_gated_delta_rule,
                         draft, draft_head, generate, recurrent_gated_delta_rule, verify_drafts)
-from train import acceptance_counts, demo_config, evaluate, resolve_precision, stdlib_corpus, train
+from train import (acceptance_counts, demo_config, evaluate, random_windows, resolve_precision, stdlib_corpus,
+                   train)
 
 # ==============================================================================================
 # 1. Logits vs transformers
@@ -2201,6 +2204,28 @@ def test_teacher_forced_acceptance():
 @pytest.fixture(scope="module")
 def corpus():
     return stdlib_corpus()
+
+
+def test_demo_corpus_holds_out_every_20th_standard_library_file(corpus):
+    """The demo's bytes: the standard library's top-level .py files, sorted by path; files 0, 20, 40, ... held out,
+    the others trained on, each file once."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    read = lambda chosen: torch.frombuffer(bytearray(b"".join(open(f, "rb").read() for f in chosen)), dtype=torch.uint8)
+    train_data, held_out = corpus
+    assert torch.equal(held_out, read(files[::20]).long())
+    assert torch.equal(train_data, read([f for i, f in enumerate(files) if i % 20]).long())
+
+
+def test_demo_windows_are_whole_slices_drawn_by_the_generator():
+    """random_windows: batch_size windows of `length` consecutive tokens of the data, at starts drawn from the
+    generator given (the same seed, the same windows), not all at one start."""
+    data = torch.arange(1000)
+    windows = random_windows(data, 8, 16, torch.Generator().manual_seed(0))
+    assert windows.shape == (8, 16) and torch.equal(windows, windows[:, :1] + torch.arange(16))
+    assert len(set(windows[:, 0].tolist())) > 1 and windows[:, -1].max() < 1000
+    torch.manual_seed(1)                                   # the global generator plays no part
+    assert torch.equal(windows, random_windows(data, 8, 16, torch.Generator().manual_seed(0)))
+    assert not torch.equal(windows, random_windows(data, 8, 16, torch.Generator().manual_seed(1)))
 
 
 def test_demo_training_lowers_losses_and_checkpoint_round_trips(corpus, tmp_path):

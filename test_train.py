@@ -8,11 +8,14 @@ Training a checkpoint with train.py --init: tiny official-layout checkpoints tra
 import functools
 import glob
 import json
+import math
 import os
 import random
 import shutil
 import subprocess
 import sys
+import sysconfig
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -255,6 +258,12 @@ def test_batches_depend_on_seed_and_step_only():
     assert not torch.equal(stream[:10], stream[10:20])                     # a fresh order each epoch
     assert torch.equal(train.global_batch(windows, 2, 4, seed=3), train.global_batch(windows, 2, 4, seed=3))
     assert not torch.equal(train.global_batch(windows, 2, 4, seed=3), train.global_batch(windows, 2, 4, seed=4))
+
+
+def test_seeds_do_not_share_epochs():
+    """Seed s's epoch e + 1 is not seed s + 1's epoch e (a seed mixed in as seed + epoch would make it so)."""
+    windows = torch.arange(10)[:, None]
+    assert not torch.equal(train.global_batch(windows, 1, 10, seed=0), train.global_batch(windows, 0, 10, seed=1))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -505,6 +514,7 @@ BAD = [  # (arguments, beyond --init/--data/--out, message)
     (["--log-every", "0"], "--log-every must be > 0, not 0"),
     (["--lr", "nan"], "--lr must be > 0, not nan"),
     (["--seq-len", "2"], "--seq-len must be >= 3, not 2"),
+    (["--grad-accum", "0"], "--grad-accum must be > 0, not 0"),
     (["--eval-windows", "0"], "--eval-windows must be > 0, not 0"),
     (["--lr", "inf"], "--lr must be finite, not inf"),
     (["--mtp-loss-weight", "-1"], "--mtp-loss-weight must be >= 0, not -1.0"),
@@ -556,6 +566,60 @@ def test_demo_settings_are_checked_before_training(tmp_path, capsys, args, messa
     train.check_out(str(taken), overwrite=False, replaceable=train.DEMO_FILES)      # a demo's own: accepted
 
 
+def settings(**changes):
+    """train.py's defaults (the arguments check_settings reads), with changes."""
+    return SimpleNamespace(**{**dict(steps=240, batch_size=16, grad_accum=1, lr=2e-3, log_every=10, new_tokens=256,
+                                     eval_windows=32, mtp_loss_weight=0.3, save_every=0, eval_every=0, time_budget=None,
+                                     seq_len=256, mtp_depth=1, eval_share=0.05), **changes})
+
+
+@pytest.mark.parametrize("world, changes, message", [
+    (1, dict(steps=0), "--steps must be > 0, not 0"),
+    (1, dict(batch_size=0), "--batch-size must be > 0, not 0"),
+    (1, dict(grad_accum=0), "--grad-accum must be > 0, not 0"),
+    (1, dict(eval_every=-1), "--eval-every must be >= 0, not -1"),
+    (1, dict(mtp_loss_weight=math.inf), "--mtp-loss-weight must be finite, not inf"),
+    (1, dict(mtp_loss_weight=math.nan), "--mtp-loss-weight must be >= 0, not nan"),
+    (1, dict(time_budget=0.0), "--time-budget must be > 0 seconds, not 0.0"),
+    (1, dict(seq_len=32, mtp_depth=31), "--mtp-depth must be in 1..seq_len - 2 = 30"),
+    (1, dict(mtp_depth=0), "--mtp-depth must be in 1..seq_len - 2 = 254"),
+    (1, dict(eval_share=0.0), "--eval-share must be in (0, 0.5], not 0.0"),
+    (2, dict(batch_size=6, grad_accum=2), "--batch-size 6 must be a multiple of processes (2) x --grad-accum (2)"),
+    (1, dict(seq_len=32, mtp_depth=30, eval_share=0.5, time_budget=0.5), None),
+    (1, dict(seq_len=3), None),
+    (2, dict(batch_size=12, grad_accum=3), None),
+])
+def test_check_settings_names_the_one_bad_setting(world, changes, message):
+    """Each bad setting alone: exactly its message (a ValueError, which main prints as one line); the edges of
+    each range are accepted."""
+    if message is None:
+        train.check_settings(settings(**changes), world)
+    else:
+        with pytest.raises(ValueError) as error:
+            train.check_settings(settings(**changes), world)
+        assert str(error.value) == message
+
+
+def test_check_out_refuses_a_file_and_a_checkpoint_unless_overwrite(tmp_path):
+    """--out may be missing or empty; a file or a directory with files in it is refused, unless --overwrite.
+    With both OUT and OUT.previous (a save killed after its second rename), OUT is what is refused."""
+    file, taken = str(tmp_path / "file"), str(tmp_path / "taken")
+    open(file, "w").close()
+    os.mkdir(taken)
+    open(os.path.join(taken, "config.json"), "w").close()
+    os.mkdir(tmp_path / "empty")
+    train.check_out(str(tmp_path / "missing"), overwrite=False)
+    train.check_out(str(tmp_path / "empty"), overwrite=False)
+    for out in (file, taken):
+        with pytest.raises(ValueError, match=f"^--out {out} already holds files"):
+            train.check_out(out, overwrite=False)
+        train.check_out(out, overwrite=True)
+    os.mkdir(taken + ".previous")
+    with pytest.raises(ValueError, match=f"^--out {taken} already holds files"):
+        train.check_out(taken, overwrite=False)
+    train.check_out(taken, overwrite=True)
+
+
 def test_resume_keeps_the_saved_options_and_may_add_steps(head_only, text, tmp_path, capsys, monkeypatch):
     """head_only saved its run at step 8 of 8 (--lr 1e-2, depth 1). Resumed with another --lr or depth,
     or with no step left: refused, naming the options. With --steps 12: steps 8-11 run at the lr of a
@@ -597,6 +661,72 @@ def test_data_files_are_read_once(text):
     assert files == train.data_files([text]) and len(files) == 13
 
 
+def test_data_files_are_the_txt_and_jsonl_files_under_a_directory_sorted(tmp_path):
+    """A directory gives its .txt and .jsonl files, in subdirectories too, sorted by path; one without any is
+    refused."""
+    for name in ["b.txt", "a.jsonl", "notes.md", "sub/c.txt", "sub/d.py", "none/notes.md"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    root = str(tmp_path)
+    assert train.data_files([root]) == [os.path.join(root, n) for n in ["a.jsonl", "b.txt", "sub/c.txt"]]
+    with pytest.raises(ValueError, match=f"^--data {root}/none: no .txt or .jsonl files in this directory$"):
+        train.data_files([os.path.join(root, "none")])
+
+
+def test_read_documents_numbers_jsonl_lines_and_names_the_bad_one(tmp_path):
+    """A .jsonl line is a document named FILE:LINE (blank lines skipped but counted); any other file (the
+    default data's .py files too) is one document, whole. Bad input: a ValueError naming the file (and line)."""
+    files = {"a.jsonl": '{"text": "one"}\n\n{"text": "three", "id": 3}\n', "b.py": 'import os\n{"text": 1}\n',
+             "list.jsonl": '{"text": "one"}\n[1]\n', "number.jsonl": '{"text": 5}\n', "broken.jsonl": '{"text": "a"}\n{oops\n'}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    at = lambda name: str(tmp_path / name)
+    assert train.read_documents([at("a.jsonl"), at("b.py")]) == [
+        (at("a.jsonl") + ":1", "one"), (at("a.jsonl") + ":3", "three"), (at("b.py"), files["b.py"])]
+    for name, message in [("list.jsonl", ':2: expected a JSON object with a "text" string'),
+                          ("number.jsonl", ':1: expected a JSON object with a "text" string'),
+                          ("broken.jsonl", ":2: not JSON ("), ("latin1.txt", ": not UTF-8 text (")]:
+        with pytest.raises(ValueError) as error:
+            train.read_documents([at(name)])
+        assert str(error.value).startswith(at(name) + message), error.value
+
+
+def test_tokenize_keeps_ids_inside_the_vocabulary():
+    """Ids 0 .. vocab_size - 1 pass, eos after each document; an id of vocab_size, or below 0, is refused, naming
+    the document."""
+    encode = lambda texts: [[int(word) for word in text.split()] for text in texts]
+    documents = [("a", "0 127"), ("b", "5"), ("c", "1 2")]
+    trained, held = train.tokenize(documents, encode, 127, 128, 2)
+    assert trained.tolist() == [5, 127] and held.tolist() == [0, 127, 127, 1, 2, 127] and held.dtype == torch.int32
+    for bad in ["1 128", "-1 3"]:
+        with pytest.raises(ValueError, match=r"^b: encodes to token ids outside the model's vocabulary \[0, 128\)$"):
+            train.tokenize([("a", "0"), ("b", bad)], encode, None, 128, 2)
+
+
+def test_a_byte_level_checkpoint_reads_utf8_bytes_and_its_first_eos(tmp_path):
+    """Without tokenizer.json (vocab 256): each text's UTF-8 bytes; the end of text is config.eos_token_id, the
+    first of a list."""
+    encode, eos, described = train.text_encoder(str(tmp_path), SimpleNamespace(vocab_size=256, eos_token_id=[3, 4]))
+    assert [list(ids) for ids in encode(["é a", "b"])] == [[0xC3, 0xA9, 0x20, 0x61], [0x62]]
+    assert (eos, described) == (3, "UTF-8 bytes")
+    assert train.text_encoder(str(tmp_path), SimpleNamespace(vocab_size=256, eos_token_id=None))[1] is None
+
+
+def test_without_data_a_byte_level_checkpoint_trains_on_the_standard_library(tmp_path, monkeypatch):
+    """No --data: the standard library's top-level .py files (sorted), each a document of UTF-8 bytes ended by the
+    checkpoint's eos; with --eval-share 0.05 every 20th is held out, as in the demo."""
+    load.save_checkpoint(train.Qwen35(train.demo_config("tiny", eos_token_id=[3])), str(tmp_path / "in"))
+    runs = []
+    monkeypatch.setattr(train, "train_checkpoint", lambda args, run, *rest: runs.append(run) or {})
+    run("--init", tmp_path / "in", "--out", tmp_path / "out", "--steps", 1, "--batch-size", 4, "--seq-len", 64)
+    (got,) = runs
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    stream = b"".join(open(f, encoding="utf-8").read().encode() + b"\x03" for i, f in enumerate(files) if i % 20)
+    expected = torch.frombuffer(bytearray(stream[:len(stream) // 64 * 64]), dtype=torch.uint8).int()
+    assert torch.equal(got.train_windows.flatten(), expected)
+
+
 def test_held_out_documents_are_every_nth_and_end_with_end_of_text(head_only, text, tmp_path, monkeypatch):
     """--eval-share 0.25: documents 0, 4, 8, ... (data_files' order, each .jsonl line one) are held out. The
     training windows are the other documents' ids, each followed by <|endoftext|>, cut into --seq-len
@@ -615,6 +745,25 @@ def test_held_out_documents_are_every_nth_and_end_with_end_of_text(head_only, te
     assert got.train_windows.flatten().tolist() == train_ids[:len(train_ids) // T * T]
     held = torch.tensor(held_ids[:len(held_ids) // T * T]).view(-1, T)
     assert len(got.eval_windows) > 1 and all((held == w.long()).all(1).any() for w in got.eval_windows)
+
+
+def test_evaluated_windows_are_evenly_spaced_held_out_windows(head_only, text, tmp_path, monkeypatch):
+    """--eval-share 0.15: one document in round(1 / 0.15) = 7 held out (0, 7, 14). --eval-windows 3: the held-out
+    stream's first, middle and last windows; more than there are: each window once."""
+    runs = []
+    monkeypatch.setattr(train, "train_checkpoint", lambda args, run, *rest: runs.append(run) or {})
+    for n in (3, 1000):
+        run("--init", head_only[0], "--data", text, "--out", tmp_path / "out", "--steps", 1, *SMALL,
+            "--eval-share", 0.15, "--eval-windows", n)
+    tokenizer = Tokenizer.from_file(os.path.join(head_only[0], "tokenizer.json"))
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    docs = [open(os.path.join(text, f"{i:02d}.txt")).read() for i in range(12)]
+    docs += [json.loads(line)["text"] for line in open(os.path.join(text, "more.jsonl"))]
+    held = [i for doc in docs[::7] for i in tokenizer.encode(doc, add_special_tokens=False).ids + [eos]]
+    held = torch.tensor(held[:len(held) // 32 * 32]).view(-1, 32)
+    middle = (len(held) - 1) // 2
+    assert len(held) > 3 and torch.equal(runs[0].eval_windows.long(), held[[0, middle, len(held) - 1]])
+    assert torch.equal(runs[1].eval_windows.long(), held)
 
 
 def test_weight_decay_spares_norms_and_decay_rates_and_the_schedule_ends_at_a_tenth():
