@@ -11,7 +11,9 @@ conftest.py, whose checkpoints carry a random vision tower (2 blocks, a 5 x 5 po
 """
 
 import copy
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -20,8 +22,10 @@ from PIL import Image
 from transformers import Qwen3_5Config
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding, Qwen3_5VisionModel
+from transformers.models.qwen3_5.modeling_qwen3_5 import (Qwen3_5TextRotaryEmbedding, Qwen3_5VisionAttention,
+                                                          Qwen3_5VisionModel)
 
+import load
 import qwen35_mtp
 from conftest import (GRIDS, IMAGE, MOE_CASE, VISION, all_tensors, assert_close, get_case, image_batch,
                       image_tokens, max_diff, oracle_vl_forward, oracle_vl_mtp_logits, run_cli, write_checkpoint,
@@ -107,6 +111,31 @@ def test_tower_at_unit_scale_matches_transformers():
     assert expected.abs().max() > 1
 
 
+def test_vision_attention_in_bfloat16_matches_transformers():
+    """In bfloat16 the tower's 2-D rotary turns q and k in fp32, as Qwen3_5VisionAttention does: one head of 64
+    over an 8 x 8 grid, within bf16 rounding (measured 0.03 of 16) of transformers' attention; turning them
+    in bf16 is off by 0.75. (The fp32 tests cannot tell the two apart.)"""
+    vision = dict(VISION, hidden_size=64, num_heads=1)
+    config = Qwen3_5Config(vision_config=vision).vision_config
+    config._attn_implementation = "sdpa"
+    theirs = Qwen3_5VisionAttention(config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    c = vision_config_from_hf(vision)
+    ours = qwen35_mtp.VisionAttention(c).eval()
+    ours.load_state_dict(theirs.state_dict())
+    theirs, ours = theirs.to(torch.bfloat16), ours.to(torch.bfloat16)
+    cos, sin = VisionTower(c).rotary(8, 8)
+    x = (4 * torch.randn(64, 64, generator=g)).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = theirs(x, cu_seqlens=torch.tensor([0, 64]), position_embeddings=(cos, sin)).float()
+        got = ours(x, cos[None], sin[None], [64]).float()
+    assert expected.abs().max() > 10
+    assert_close(got, expected, "vision attention in bf16", tol=0.2)
+
+
 def test_positions_match_get_rope_index(dense_vl):
     """3-D positions equal transformers' get_rope_index: left padding, two images in a row, an image at the
     very start, a 2-frame grid, a 4-frame grid of 1 x 1 merged tokens (the text after it goes on at start +
@@ -129,11 +158,13 @@ def test_positions_match_get_rope_index(dense_vl):
 
 
 @pytest.mark.parametrize("head_dim, theta, section", [(32, 1e4, [2, 1, 1]), (256, 1e7, [11, 11, 10]),
-                                                     (64, 1e7, [4, 2, 2])], ids=["tiny", "real", "short H and W"])
+                                                     (64, 1e7, [4, 2, 2]), (64, 1e7, [4, 3, 1])],
+                         ids=["tiny", "real", "short H and W", "short W"])
 def test_rotary_3d_matches_transformers(head_dim, theta, section):
     """cos/sin of 3-D positions equal Qwen3_5TextRotaryEmbedding's, bit for bit, for the tiny and the real
-    rotary (64 of 256 dims, frequencies T H W interleaved), and for a section under which the last pair
-    turns with T, not H as under the others (so the file's section must be read: config_from_hf parses
+    rotary (64 of 256 dims, frequencies T H W interleaved), for a section under which the last pair
+    turns with T, not H as under the others, and for one whose W frequencies stop early ([4, 3, 1]: the
+    sixth pair turns with T, not W) (so the file's section must be read: config_from_hf parses
     the text config transformers writes); [B, T] positions, or three equal rows, give the 1-D RoPE exactly."""
     rope = dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.25, mrope_section=section,
                 mrope_interleaved=True)
@@ -369,7 +400,10 @@ def test_real_vision_config_builds_transformers_tower():
     (lambda d: d["vision_config"].update(out_hidden_size=32), "vision out_hidden_size=32 must equal hidden_size=64"),
     (lambda d: d["text_config"]["rope_parameters"].update(mrope_interleaved=False), "mrope_interleaved=False"),
     (lambda d: d["text_config"]["rope_parameters"].update(mrope_section=[2, 2]), "mrope_section=\\(2, 2\\)"),
-], ids=["deepstack", "act", "patch list", "table", "width", "not interleaved", "section"])
+    (lambda d: d["vision_config"].pop("out_hidden_size"), "vision_config is missing required field out_hidden_size"),
+    (lambda d: d["vision_config"].update(rope_parameters=dict(rope_type="default")),
+     "vision_config rope_parameters=.*expected rope_type 'axial'"),
+], ids=["deepstack", "act", "patch list", "table", "width", "not interleaved", "section", "no width", "vision rope"])
 def test_bad_vision_configs_are_named(dense_vl, edit, message):
     d = json.loads(json.dumps(dense_vl.config))
     edit(d)
@@ -378,7 +412,8 @@ def test_bad_vision_configs_are_named(dense_vl, edit, message):
 
 
 def test_bad_image_inputs_are_named(dense_vl):
-    """Image tokens that do not match the grids, pixel rows of the wrong width, or a grid without pixels."""
+    """Image tokens that do not match the grids, pixel rows of the wrong width, or a grid without pixels; grids
+    with odd rows or no frames; as many image tokens as the grids make, but not in one run per image."""
     model, batch = dense_vl.model, image_batch([[2, GRIDS[0], 3]], seed=12)
     ids = batch.ids.clone()
     ids[0, 4] = 7                                               # one image token fewer
@@ -392,6 +427,15 @@ def test_bad_image_inputs_are_named(dense_vl):
         model(batch.ids, pixel_values=batch.pixels)
     with pytest.raises(ValueError, match="image_grid_thw must be a tensor of integers; got torch.float32"):
         model(batch.ids, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw.float())
+    for grids in ([[1, 3, 8]], [[1, 4, 6], [0, 4, 4]]):        # odd rows; an image of no frames (24 patches too)
+        with pytest.raises(ValueError, match=r"image_grid_thw must be \[images, 3\] rows .* multiples of "
+                                             r"spatial_merge_size=2; got " + re.escape(str(grids))):
+            model(batch.ids, pixel_values=batch.pixels, image_grid_thw=torch.tensor(grids))
+    split = batch.ids.clone()
+    split[0, 5], split[0, 10] = 7, IMAGE                        # 6 image tokens, but not one run of 6
+    with pytest.raises(ValueError, match=r"row 0: an image of 1x2x3 tokens \(grid 1x4x6\) does not fit the run of "
+                                         "image tokens at real token 3"):
+        model(split, pixel_values=batch.pixels, image_grid_thw=batch.grid_thw)
 
 
 # ==============================================================================================
@@ -422,7 +466,9 @@ QWEN35_PROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2, imag
     # scaled down to <= max_pixels (a side of at least 32, whichever it is); 126 x 130 rounds to 128 x 128,
     # exactly max_pixels: kept, not scaled down
     ([noise(300, 200), noise(1000, 37), noise(37, 1000), noise(126, 130)], 128 ** 2),
-], ids=["small", "odd", "modes", "large"])
+    # 240 x 272: 7.5 and 8.5 round to 256 x 256, exactly min_pixels: kept, not scaled up (to 256 x 288)
+    ([noise(240, 272), noise(272, 240, seed=1)], 4096 ** 2),
+], ids=["small", "odd", "modes", "large", "exactly min"])
 def test_image_patches_match_transformers(dense_vl, tmp_path, images, max_pixels):
     """pixel_values and grids equal transformers' Qwen2VLImageProcessorPil with Qwen3.5's settings, bit for
     bit, on random images of odd sizes; preprocessor_config.json's size (pixel counts) is read."""
@@ -484,6 +530,43 @@ def test_image_mean_and_std_are_read_from_the_file(dense_vl, tmp_path):
     assert max_diff(patches, qwen) > 0.1
 
 
+def test_preprocessor_config_that_does_not_fit_the_tower_is_refused(dense_vl, tmp_path):
+    """A preprocessor_config.json whose patch_size, temporal_patch_size or merge_size differs from the vision
+    tower's is refused by name (the pixel rows would not fit the tower); min_pixels / max_pixels of null
+    override nothing, as in transformers' processor."""
+    vision = dense_vl.model.config.vision
+    for name, value in [("patch_size", 14), ("temporal_patch_size", 1), ("merge_size", 4)]:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({**QWEN35_PROCESSOR, name: value}))
+        with pytest.raises(ValueError, match=f"{name}={value}, but the vision tower's is"):
+            image_settings(str(tmp_path), vision)
+    config = {"size": {"shortest_edge": 128 ** 2, "longest_edge": 512 ** 2}, "min_pixels": None, "max_pixels": None,
+              **QWEN35_PROCESSOR}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    settings = image_settings(str(tmp_path), vision)
+    assert (settings["min_pixels"], settings["max_pixels"]) == (128 ** 2, 512 ** 2)
+    image = noise(700, 500)
+    expected = Qwen2VLImageProcessorPil(**copy.deepcopy(config))(image, return_tensors="pt")
+    patches, grid = image_patches(image, **settings)
+    assert torch.equal(torch.tensor([grid]), expected["image_grid_thw"]) and grid == (1, 26, 36)
+    assert torch.equal(patches, expected["pixel_values"])
+
+
+def test_frames_per_patch_and_merge_size_are_the_towers(dense_vl, tmp_path):
+    """image_settings takes frames per patch from the tower's temporal_patch_size and the merge from its
+    spatial_merge_size (equal, 2, in Qwen3.5, so that swapping them changes nothing there): with 3 frames per
+    patch, pixel_values equal transformers' processor's."""
+    vision = dataclasses.replace(dense_vl.model.config.vision, temporal_patch_size=3)
+    processor = dict(QWEN35_PROCESSOR, temporal_patch_size=3)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    image = noise(300, 200)
+    expected = Qwen2VLImageProcessorPil(size={"shortest_edge": 256 ** 2, "longest_edge": 4096 ** 2}, **processor)(
+        image, return_tensors="pt")
+    patches, grid = image_patches(image, **image_settings(str(tmp_path), vision))
+    assert patches.shape[1] == 3 * 3 * 16 * 16
+    assert torch.equal(torch.tensor([grid]), expected["image_grid_thw"])
+    assert torch.equal(patches, expected["pixel_values"])
+
+
 def test_default_image_settings_are_qwen35s(dense_vl, tmp_path):
     """Without preprocessor_config.json, the settings are those of the file Qwen3.5 checkpoints ship."""
     published = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
@@ -541,6 +624,23 @@ def test_cli_with_an_image(tmp_path_factory, tmp_path):
     assert result.stdout == tokenizer.decode(text + out[0, ids.shape[1]:].tolist()) + "\n"
     without_image, _ = generate(case.model, torch.tensor([text]), 8)
     assert without_image[0, len(text):].tolist() != out[0, ids.shape[1]:].tolist()      # the output reads the image
+
+
+def test_cli_refuses_images_without_a_tower(dense_vl, tmp_path, capsys):
+    """--image with a checkpoint that has no vision tower (no vision_config; or one, but no model.visual.*
+    tensors): one line naming the problem, status 2 (in-process, a traceback would be any other exception)."""
+    noise(40, 30).save(tmp_path / "image.png")
+    text_only = {k: v for k, v in dense_vl.tensors.items() if not k.startswith("model.visual.")}
+    no_config = {k: v for k, v in dense_vl.config.items() if k != "vision_config"}
+    for name, config, message in [("no-config", no_config, "config.json has no vision_config"),
+                                  ("no-tensors", dense_vl.config, "holds no model.visual.* tensors")]:
+        path = write_checkpoint(tmp_path / name, text_only, config)
+        write_word_tokenizer(path)
+        with pytest.raises(SystemExit) as exit:
+            load.main([path, "--image", str(tmp_path / "image.png"), "--prompt", "the dog", "--max-new-tokens", "2"])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"--image needs a vision tower; {path}" in err and message in err, err
+        assert err.count("\n") == 1, err
 
 
 def test_info_describes_the_tower_and_videos_are_refused(dense_vl, tmp_path):
